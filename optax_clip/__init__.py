@@ -1,0 +1,36 @@
+"""optax_clip: correct, observable and fast gradient clipping for JAX and Optax.
+
+Every method is an :class:`optax.GradientTransformation` over arbitrary pytrees;
+chain it before your optimizer::
+
+  tx = optax.chain(optax_clip.clip_by_global_norm(1.0), optax.adamw(1e-3))
+
+and read what it did with :func:`optax_clip.get_stats`.
+"""
+
+from optax_clip._stats import ClipStats, get_stats
+from optax_clip._static import (
+    ClipByBlockNormState,
+    ClipByGlobalNormState,
+    ClipByValueState,
+    SoftClipByGlobalNormState,
+    clip_by_block_norm,
+    clip_by_global_norm,
+    clip_by_value,
+    soft_clip_by_global_norm,
+)
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "ClipByBlockNormState",
+    "ClipByGlobalNormState",
+    "ClipByValueState",
+    "ClipStats",
+    "SoftClipByGlobalNormState",
+    "clip_by_block_norm",
+    "clip_by_global_norm",
+    "clip_by_value",
+    "get_stats",
+    "soft_clip_by_global_norm",
+)

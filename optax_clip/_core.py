@@ -1,0 +1,289 @@
+"""Shared pieces of the measure -> decide -> apply -> record pipeline (private)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_clip import _numerics
+from optax_clip._stats import ClipStats, update_clip_stats
+
+NonFinitePolicy = Literal["propagate", "zero_update"]
+NONFINITE_POLICIES = ("propagate", "zero_update")
+
+
+# --------------------------------------------------------------------------
+# Construction-time validation. Traced values (inject_hyperparams under jit)
+# cannot be checked in Python and are let through; concrete values are.
+# --------------------------------------------------------------------------
+
+
+def is_traced(value: Any) -> bool:
+    """True for values whose number is not known in Python (JAX tracers)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(value))
+
+
+def _as_scalar(name: str, value: Any) -> float | None:
+    if callable(value) and not hasattr(value, "__array__"):
+        raise TypeError(
+            f"{name} must be a number, got a callable. To follow a schedule, "
+            "wrap the transform with optax.inject_hyperparams."
+        )
+    if value is None or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number, got {value!r}.")
+    if is_traced(value):
+        return None
+    try:
+        arr = np.asarray(value)
+    except Exception as err:  # pragma: no cover - exotic inputs
+        raise TypeError(f"{name} must be a real number, got {value!r}.") from err
+    if arr.shape != ():
+        raise ValueError(f"{name} must be a scalar, got an array of shape {arr.shape}.")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {value!r}.")
+    x = float(arr)
+    if math.isnan(x):
+        raise ValueError(f"{name} must not be NaN.")
+    return x
+
+
+def check_nonnegative(name: str, value: Any, *, allow_inf: bool = True) -> None:
+    """Raises unless ``value`` is a real scalar >= 0 (or traced)."""
+    x = _as_scalar(name, value)
+    if x is None:
+        return
+    if x < 0:
+        raise ValueError(f"{name} must be >= 0, got {x}.")
+    if not allow_inf and math.isinf(x):
+        raise ValueError(f"{name} must be finite, got {x}.")
+
+
+def check_real(name: str, value: Any, *, allow_inf: bool = True) -> float | None:
+    """Raises unless ``value`` is a real, non-NaN scalar; returns it if concrete."""
+    x = _as_scalar(name, value)
+    if x is not None and not allow_inf and math.isinf(x):
+        raise ValueError(f"{name} must be finite, got {x}.")
+    return x
+
+
+def check_in_range(
+    name: str, value: Any, low: float, high: float, *, closed_high: bool = False
+) -> None:
+    """Raises unless ``low <= value < high`` (``<= high`` if ``closed_high``)."""
+    x = _as_scalar(name, value)
+    if x is None:
+        return
+    ok = low <= x <= high if closed_high else low <= x < high
+    if not ok:
+        bracket = "]" if closed_high else ")"
+        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {x}.")
+
+
+def check_policy(nonfinite: Any) -> str:
+    """Validates a non-finite policy name."""
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}."
+        )
+    return nonfinite
+
+
+# --------------------------------------------------------------------------
+# Decide and apply.
+# --------------------------------------------------------------------------
+
+
+def threshold_array(value: Any, dtype: Any) -> jax.Array:
+    """A (traced or concrete) threshold as a scalar; negative values become 0."""
+    return jnp.maximum(jnp.asarray(value, dtype).reshape(()), 0)
+
+
+def clip_factor(
+    norm: jax.Array, threshold: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(num, den, clipped)`` with ``num / den = min(1, threshold / norm)``.
+
+    Exactly 1 (the identity) when ``norm <= threshold``. The division only
+    happens on the clipping branch ("double where"), so the value and its
+    gradient are finite at ``norm == 0`` and at ``threshold == 0``. A NaN norm
+    or threshold counts as clipped with a NaN scale (it never passes silently).
+    """
+    clipped = ~(norm <= threshold)
+    one = jnp.ones_like(norm)
+    num = jnp.where(clipped, threshold.astype(norm.dtype), one)
+    den = jnp.where(clipped, norm, one)
+    return num, den, clipped
+
+
+class Scale(NamedTuple):
+    """A scale ``value = hi * lo`` applied to every element as ``x * hi * lo``.
+
+    Splitting it keeps both factors normal floats when ``value`` itself would
+    be subnormal (flushed to 0): clipping a float32 gradient of norm 3e38 to 1
+    needs a scale of 3e-39. ``lo`` is 1 whenever ``value`` is a normal float.
+    """
+
+    value: jax.Array
+    hi: jax.Array
+    lo: jax.Array
+
+
+def make_scale(num: jax.Array, den: jax.Array) -> Scale:
+    """The :class:`Scale` ``num / den`` (``den > 0``), safe from underflow."""
+    value = num / den
+    tiny = jnp.finfo(value.dtype).tiny
+    normal = ~(jnp.abs(value) < tiny) | (num == 0)
+    root = jnp.sqrt(jnp.where(normal, jnp.ones_like(den), den))
+    hi = jnp.where(normal, value, num / root)
+    lo = jnp.where(normal, jnp.ones_like(value), 1.0 / root)
+    return Scale(value, hi, lo)
+
+
+_UINT_OF_SIZE = {2: jnp.uint16, 4: jnp.uint32}
+
+
+def _cast_toward_zero(y: jax.Array, dtype: Any) -> jax.Array:
+    """Casts ``y`` to the narrower float ``dtype``, rounding toward zero.
+
+    Round-to-nearest can make a scaled bf16/fp16 element up to half an ulp
+    larger than exact, so a clipped bf16 tree could end up 0.4% above
+    ``max_norm``. Rounding the magnitude down keeps every element at or below
+    its exact value. A scale of exactly 1 is unaffected (the cast is exact).
+    """
+    r = y.astype(dtype)
+    uint = _UINT_OF_SIZE.get(jnp.dtype(dtype).itemsize)
+    if uint is None:  # pragma: no cover - no float of this size in use
+        return r
+    too_big = jnp.abs(r.astype(y.dtype)) > jnp.abs(y)
+    # Decrementing the bit pattern of a non-zero float lowers its magnitude by
+    # one ulp, whatever its sign (and turns +-inf into the largest finite).
+    down = jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(r, uint) - jnp.asarray(1, uint), dtype
+    )
+    return r + jax.lax.stop_gradient(jnp.where(too_big, down - r, jnp.zeros_like(r)))
+
+
+def scale_leaf(x: jax.Array, scale: Scale) -> jax.Array:
+    """``x * scale`` computed in float32 or wider, returned in ``x``'s dtype.
+
+    When ``x`` is narrower than the computation (bf16, fp16), the result is
+    rounded toward zero so that clipping never overshoots its bound.
+    """
+    x = jnp.asarray(x)
+    acc = jnp.promote_types(x.dtype, scale.hi.dtype)
+    y = x.astype(acc) * scale.hi.astype(acc) * scale.lo.astype(acc)
+    if (
+        jnp.issubdtype(x.dtype, jnp.floating)
+        and jnp.dtype(x.dtype).itemsize < jnp.dtype(acc).itemsize
+    ):
+        return _cast_toward_zero(y, x.dtype)
+    return y.astype(x.dtype)
+
+
+def _with_policy(policy: str, scale: Scale, bad: jax.Array) -> Scale:
+    """The scale to use when the measured norm is non-finite (``bad``)."""
+    fill = 0.0 if policy == "zero_update" else jnp.nan
+    value = jnp.where(bad, fill, scale.value)
+    return Scale(value, jnp.where(bad, fill, scale.hi), scale.lo)
+
+
+def _apply_leaf(policy: str, x: jax.Array, scale: Scale, zero: jax.Array):
+    out = scale_leaf(x, scale)
+    if policy == "zero_update":  # Inf * 0 is NaN: select zeros explicitly.
+        out = jnp.where(zero, jnp.zeros_like(out), out)
+    return out
+
+
+def zero_if(flag: jax.Array, tree: Any) -> Any:
+    """``tree`` with every leaf replaced by zeros where ``flag`` is True."""
+    return jax.tree.map(lambda x: jnp.where(flag, jnp.zeros_like(x), x), tree)
+
+
+class Applied(NamedTuple):
+    """What the apply step did (inputs to the record step)."""
+
+    updates: Any
+    pre_norm: jax.Array
+    post_norm: jax.Array
+    scale: jax.Array
+    clipped: jax.Array
+    nonfinite: jax.Array
+
+
+FactorFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
+
+
+def apply_global(
+    updates: Any,
+    norm: jax.Array,
+    threshold: jax.Array,
+    policy: str,
+    factor_fn: FactorFn = clip_factor,
+) -> Applied:
+    """Scales the whole tree by ``factor_fn(norm, threshold)`` under ``policy``.
+
+    ``propagate``: a non-finite step becomes all NaN (never a silent zero).
+    ``zero_update``: a non-finite step becomes all zeros.
+    """
+    nonfinite = ~jnp.isfinite(norm)
+    num, den, clipped = factor_fn(norm, threshold)
+    scale = _with_policy(policy, make_scale(num, den), nonfinite)
+    out = jax.tree.map(lambda x: _apply_leaf(policy, x, scale, nonfinite), updates)
+    post = jnp.where(nonfinite, scale.value, norm * scale.value)
+    return Applied(out, norm, post, scale.value, clipped & ~nonfinite, nonfinite)
+
+
+def apply_per_leaf(
+    updates: Any,
+    norms: list[jax.Array],
+    thresholds: list[jax.Array],
+    policy: str,
+    norm_type: float,
+) -> Applied:
+    """Scales each leaf by ``min(1, threshold_i / norm_i)`` under ``policy``.
+
+    ``propagate``: only a leaf whose own norm is NaN/Inf becomes all NaN; the
+    other leaves are clipped as usual. ``zero_update``: any non-finite leaf
+    makes the whole update zero.
+    """
+    leaves, treedef = jax.tree.flatten(updates)
+    if not leaves:
+        zero = jnp.zeros((), jnp.float32)
+        return Applied(updates, zero, zero, jnp.ones((), jnp.float32), zero > 0, zero > 0)
+    bad = [~jnp.isfinite(n) for n in norms]
+    any_bad = jnp.any(jnp.stack(bad))
+    new_leaves, values, posts, clips = [], [], [], []
+    for x, n, t, b in zip(leaves, norms, thresholds, bad, strict=True):
+        num, den, clipped = clip_factor(n, t)
+        zero = any_bad if policy == "zero_update" else b
+        scale = _with_policy(policy, make_scale(num, den), zero)
+        new_leaves.append(_apply_leaf(policy, x, scale, zero))
+        values.append(scale.value.astype(jnp.float32))
+        posts.append(jnp.where(zero, scale.value, n * scale.value))
+        clips.append(clipped & ~b)
+    return Applied(
+        jax.tree.unflatten(treedef, new_leaves),
+        _numerics.norm_of_values(norms, norm_type),
+        _numerics.norm_of_values(posts, norm_type),
+        jnp.min(jnp.stack(values)),
+        jnp.any(jnp.stack(clips)),
+        any_bad,
+    )
+
+
+def record(stats: ClipStats, applied: Applied, threshold: jax.Array) -> ClipStats:
+    """The record step: new :class:`ClipStats` from what was applied."""
+    return update_clip_stats(
+        stats,
+        pre_norm=applied.pre_norm,
+        post_norm=applied.post_norm,
+        scale=applied.scale,
+        threshold=threshold,
+        clipped=applied.clipped,
+        nonfinite=applied.nonfinite,
+    )

@@ -1,0 +1,431 @@
+"""Clipping with a fixed threshold: by value, by global norm, per block, soft."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_clip import _core, _numerics
+from optax_clip._stats import ClipStats, init_clip_stats
+
+class ClipByGlobalNormState(NamedTuple):
+    """State of :func:`clip_by_global_norm`.
+
+    Attributes:
+      clip_stats: :class:`optax_clip.ClipStats` of the last step.
+    """
+
+    clip_stats: ClipStats
+    _stats_name = "clip_by_global_norm"
+
+
+def clip_by_global_norm(
+    max_norm: jax.typing.ArrayLike,
+    norm_type: Any = 2,
+    *,
+    nonfinite: _core.NonFinitePolicy = "propagate",
+    axis_name: Any = None,
+) -> optax.GradientTransformation:
+    r"""Scales the whole update so that its global norm is at most ``max_norm``.
+
+    .. math::
+
+      g \leftarrow g \cdot \min\left(1, \frac{c}{\lVert g \rVert_p}\right),
+      \qquad \lVert g \rVert_p = \Big(\sum_{\text{leaves}} \sum_i |g_i|^p\Big)^{1/p}
+
+    Below the threshold (``norm <= max_norm``) the update is returned exactly.
+    Differences from :func:`optax.clip_by_global_norm`:
+
+    * the norm is accumulated in float32 (float64 for float64 leaves), also
+      across leaves, so bf16/fp16 trees are not under-clipped;
+    * it never overflows: a finite gradient whose squares exceed the float
+      range (e.g. elements of 1e30 in float32, or 300 in fp16) is still scaled
+      to norm ``max_norm`` in the right direction, where optax returns zeros;
+    * ``max_norm=0`` and zero gradients give zeros, never NaN, and the gradient
+      of the output with respect to the input (meta-gradient) is finite at 0;
+    * 1-, 2- and inf-norms; an ``axis_name`` for ``pmap``/``shard_map``;
+    * the pre-clip norm, scale and counts are kept in the state
+      (read them with :func:`optax_clip.get_stats`).
+
+    Non-finite policy: with ``"propagate"`` a step whose updates hold a NaN or
+    Inf comes out entirely NaN (optax would sometimes return zeros, hiding the
+    bad step), so that a guard downstream sees it; with ``"zero_update"`` it
+    comes out as zeros. Either way the step is counted. To also keep the state
+    of a following optimizer untouched, wrap the whole chain in
+    :func:`optax_clip.skip_nonfinite`.
+
+    Args:
+      max_norm: the largest global norm allowed (a scalar >= 0; ``inf``
+        disables clipping but keeps the statistics).
+      norm_type: ``1``, ``2`` (default) or ``inf``.
+      nonfinite: what a step whose updates hold a NaN or Inf becomes:
+        ``"propagate"`` (default) or ``"zero_update"``.
+      axis_name: name (or tuple of names) of the mapped axes (``pmap``,
+        ``shard_map``) over which the update is sharded; the norm is then
+        global across devices. Leave ``None`` under plain or sharded ``jit``.
+
+    Returns:
+      An :class:`optax.GradientTransformation` whose state is a
+      :class:`ClipByGlobalNormState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_clip
+      >>> tx = optax_clip.clip_by_global_norm(max_norm=5.0)
+      >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([5.0])}
+      >>> clipped, state = tx.update(grads, tx.init(grads))
+      >>> clipped["a"]  # the global norm was sqrt(50); scaled by 5/sqrt(50)
+      Array([2.1213202, 2.828427 ], dtype=float32)
+      >>> float(state.clip_stats.pre_clip_norm), int(state.clip_stats.is_clipped)
+      (7.0710678..., 1)
+
+    References:
+      Pascanu et al., `On the difficulty of training Recurrent Neural Networks
+      <https://arxiv.org/abs/1211.5063>`_, 2013
+    """
+    p = _numerics.canonical_norm_type(norm_type)
+    _core.check_nonnegative("max_norm", max_norm)
+    policy = _core.check_policy(nonfinite)
+    axes = _numerics.canonical_axis_name(axis_name)
+
+    def init_fn(params):
+        del params
+        return ClipByGlobalNormState(init_clip_stats(max_norm))
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = _numerics.global_norm(updates, p, axes)
+        threshold = _core.threshold_array(max_norm, norm.dtype)
+        applied = _core.apply_global(updates, norm, threshold, policy)
+        stats = _core.record(state.clip_stats, applied, threshold)
+        return applied.updates, ClipByGlobalNormState(stats)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ClipByBlockNormState(NamedTuple):
+    """State of :func:`clip_by_block_norm`.
+
+    Attributes:
+      clip_stats: :class:`optax_clip.ClipStats` of the last step; the norms are
+        global (over all leaves), ``clip_scale`` is the smallest leaf scale.
+    """
+
+    clip_stats: ClipStats
+    _stats_name = "clip_by_block_norm"
+
+
+def clip_by_block_norm(
+    max_norm: jax.typing.ArrayLike,
+    norm_type: Any = 2,
+    *,
+    nonfinite: _core.NonFinitePolicy = "propagate",
+    axis_name: Any = None,
+) -> optax.GradientTransformation:
+    r"""Scales each leaf (block, e.g. one layer's weight) to norm at most ``max_norm``.
+
+    .. math::
+
+      g^{(l)} \leftarrow g^{(l)} \cdot
+      \min\left(1, \frac{c}{\lVert g^{(l)} \rVert_p}\right)
+      \quad \text{for every leaf } l
+
+    This is Keras' ``clipnorm`` and PyTorch's ``clip_grad_norm_`` called once
+    per tensor, with the same careful norms as :func:`clip_by_global_norm`
+    (float32 accumulation, overflow-safe, NaN-free at zero). It differs from
+    :func:`optax.clip_by_block_rms`, which bounds the root-mean-square of each
+    leaf rather than its norm.
+
+    Non-finite policy: with ``"propagate"`` only a leaf whose own values hold
+    a NaN or Inf comes out as all NaN; the other leaves are clipped as usual.
+    With ``"zero_update"`` the whole update becomes zeros.
+
+    Args:
+      max_norm: the largest norm allowed for each leaf (a scalar >= 0).
+      norm_type: ``1``, ``2`` (default) or ``inf``.
+      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+      axis_name: mapped axes over which leaves are sharded (see
+        :func:`clip_by_global_norm`); each leaf's norm is then its global norm.
+
+    Returns:
+      An :class:`optax.GradientTransformation` whose state is a
+      :class:`ClipByBlockNormState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_clip
+      >>> tx = optax_clip.clip_by_block_norm(max_norm=1.0)
+      >>> grads = {"w": jnp.array([3.0, 4.0]), "b": jnp.array([0.5])}
+      >>> clipped, state = tx.update(grads, tx.init(grads))
+      >>> clipped["w"], clipped["b"]
+      (Array([0.6, 0.8], dtype=float32), Array([0.5], dtype=float32))
+
+    References:
+      Pascanu et al., `On the difficulty of training Recurrent Neural Networks
+      <https://arxiv.org/abs/1211.5063>`_, 2013
+    """
+    p = _numerics.canonical_norm_type(norm_type)
+    _core.check_nonnegative("max_norm", max_norm)
+    policy = _core.check_policy(nonfinite)
+    axes = _numerics.canonical_axis_name(axis_name)
+
+    def init_fn(params):
+        del params
+        return ClipByBlockNormState(init_clip_stats(max_norm))
+
+    def update_fn(updates, state, params=None):
+        del params
+        norms = _numerics.leaf_norms(updates, p, axes)
+        threshold = _core.threshold_array(max_norm, jnp.float32)
+        applied = _core.apply_per_leaf(
+            updates, norms, [threshold] * len(norms), policy, p
+        )
+        stats = _core.record(state.clip_stats, applied, threshold)
+        return applied.updates, ClipByBlockNormState(stats)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ClipByValueState(NamedTuple):
+    """State of :func:`clip_by_value`.
+
+    Attributes:
+      clip_stats: :class:`optax_clip.ClipStats` of the last step, measured with
+        the inf-norm (the largest magnitude); ``clip_threshold`` is the largest
+        magnitude the bounds allow, ``clip_scale`` the factor applied to the
+        largest element.
+    """
+
+    clip_stats: ClipStats
+    _stats_name = "clip_by_value"
+
+
+def clip_by_value(
+    max_delta: jax.typing.ArrayLike | None = None,
+    *,
+    min_value: jax.typing.ArrayLike | None = None,
+    max_value: jax.typing.ArrayLike | None = None,
+    nonfinite: _core.NonFinitePolicy = "propagate",
+    axis_name: Any = None,
+) -> optax.GradientTransformation:
+    r"""Clips every element of the update into ``[-max_delta, max_delta]``.
+
+    .. math::
+
+      g_i \leftarrow \min(\max(g_i, a), b), \qquad (a, b) = (-\delta, \delta)
+      \text{ or } (\text{min\_value}, \text{max\_value})
+
+    Give either ``max_delta`` (symmetric) or both ``min_value`` and
+    ``max_value`` (asymmetric). Element-wise clipping changes the direction of
+    the update; prefer :func:`clip_by_global_norm` unless you need a hard
+    bound on every coordinate. Differs from :func:`optax.clip` by the
+    asymmetric form, the statistics in its state and the non-finite policy.
+
+    Non-finite policy: with ``"propagate"`` NaN and ``±Inf`` elements pass
+    through unchanged (``jnp.clip`` would silently turn ``Inf`` into the
+    bound), every finite element is clipped. With ``"zero_update"`` a step
+    holding any NaN or Inf becomes all zeros.
+
+    Args:
+      max_delta: bound on the magnitude of each element (a scalar >= 0).
+      min_value: lower bound of the asymmetric form.
+      max_value: upper bound of the asymmetric form (``>= min_value``).
+      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+      axis_name: mapped axes over which the update is sharded; only used to
+        make the statistics global (the clip itself is element-wise).
+
+    Returns:
+      An :class:`optax.GradientTransformation` whose state is a
+      :class:`ClipByValueState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_clip
+      >>> tx = optax_clip.clip_by_value(1.0)
+      >>> clipped, _ = tx.update(jnp.array([-3.0, 0.5, 2.0]), tx.init(None))
+      >>> clipped
+      Array([-1. ,  0.5,  1. ], dtype=float32)
+      >>> tx = optax_clip.clip_by_value(min_value=-0.1, max_value=1.0)
+      >>> tx.update(jnp.array([-3.0, 0.5, 2.0]), tx.init(None))[0]
+      Array([-0.1,  0.5,  1. ], dtype=float32)
+
+    References:
+      Mikolov, `Statistical Language Models Based on Neural Networks
+      <https://www.fit.vut.cz/study/phd-thesis-file/283/283.pdf>`_, 2012
+    """
+    symmetric = max_delta is not None
+    if symmetric == (min_value is not None or max_value is not None):
+        raise ValueError(
+            "clip_by_value takes either max_delta, or both min_value and max_value."
+        )
+    if symmetric:
+        _core.check_nonnegative("max_delta", max_delta)
+    else:
+        if min_value is None or max_value is None:
+            raise ValueError("clip_by_value needs both min_value and max_value.")
+        lo = _core.check_real("min_value", min_value)
+        hi = _core.check_real("max_value", max_value)
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"min_value ({lo}) must be <= max_value ({hi}).")
+    policy = _core.check_policy(nonfinite)
+    axes = _numerics.canonical_axis_name(axis_name)
+
+    def bounds(dtype):
+        if symmetric:
+            delta = _core.threshold_array(max_delta, dtype)
+            return -delta, delta
+        return jnp.asarray(min_value, dtype), jnp.asarray(max_value, dtype)
+
+    def init_fn(params):
+        del params
+        lo, hi = bounds(jnp.float32)
+        return ClipByValueState(init_clip_stats(jnp.maximum(-lo, hi)))
+
+    def update_fn(updates, state, params=None):
+        del params
+        leaves = jax.tree.leaves(updates)
+        dtype = _numerics.tree_accumulation_dtype(leaves)
+        lo, hi = bounds(dtype)
+        top = _numerics.reduce_max(updates, axes)  # -inf for an empty tree
+        bottom = -_numerics.reduce_max(jax.tree.map(jnp.negative, updates), axes)
+        nonfinite = jnp.isnan(top) | (top == jnp.inf) | (bottom == -jnp.inf)
+        has_values = top >= bottom
+        pre = jnp.where(has_values, jnp.maximum(jnp.abs(top), jnp.abs(bottom)), 0.0)
+        clipped = ((top > hi) | (bottom < lo)) & ~nonfinite
+        post_top, post_bottom = jnp.clip(top, lo, hi), jnp.clip(bottom, lo, hi)
+        post = jnp.where(
+            has_values, jnp.maximum(jnp.abs(post_top), jnp.abs(post_bottom)), 0.0
+        )
+        safe_pre = jnp.where(pre > 0, pre, 1.0)
+        scale = jnp.where(pre > 0, post / safe_pre, 1.0)
+
+        def clip_leaf(x):
+            c = jnp.clip(x, lo.astype(x.dtype), hi.astype(x.dtype))
+            if policy == "zero_update":
+                return jnp.where(nonfinite, jnp.zeros_like(x), c)
+            return jnp.where(jnp.isfinite(x), c, x)
+
+        out = jax.tree.map(clip_leaf, updates)
+        if policy == "zero_update":
+            scale = jnp.where(nonfinite, 0.0, scale)
+            post = jnp.where(nonfinite, 0.0, post)
+        else:
+            scale = jnp.where(nonfinite, jnp.nan, scale)
+            post = jnp.where(nonfinite, jnp.nan, post)
+        applied = _core.Applied(out, pre, post, scale, clipped, nonfinite)
+        stats = _core.record(state.clip_stats, applied, jnp.maximum(-lo, hi))
+        return out, ClipByValueState(stats)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class SoftClipByGlobalNormState(NamedTuple):
+    """State of :func:`soft_clip_by_global_norm`.
+
+    Attributes:
+      clip_stats: :class:`optax_clip.ClipStats` of the last step
+        (``is_clipped`` is 1 when the norm was above the knee).
+    """
+
+    clip_stats: ClipStats
+    _stats_name = "soft_clip_by_global_norm"
+
+
+def soft_clip_factor(knee: Any):
+    """The scale function of :func:`soft_clip_by_global_norm` (see its maths)."""
+
+    def factor(norm, max_norm):
+        k = jnp.clip(jnp.asarray(knee, norm.dtype), 0.0, 1.0)
+        tau = k * max_norm
+        width = max_norm - tau
+        above = norm > tau
+        has_width = width > 0
+        safe_width = jnp.where(has_width, width, jnp.ones_like(width))
+        excess = jnp.where(above, norm - tau, jnp.zeros_like(norm))
+        u = jnp.where(has_width, excess / safe_width, jnp.inf)
+        soft = tau + width * -jnp.expm1(-u)  # output norm, in [tau, max_norm)
+        one = jnp.ones_like(norm)
+        return jnp.where(above, soft, one), jnp.where(above, norm, one), above
+
+    return factor
+
+
+def soft_clip_by_global_norm(
+    max_norm: jax.typing.ArrayLike,
+    knee: jax.typing.ArrayLike = 0.5,
+    norm_type: Any = 2,
+    *,
+    nonfinite: _core.NonFinitePolicy = "propagate",
+    axis_name: Any = None,
+) -> optax.GradientTransformation:
+    r"""Smoothly scales the update so its global norm saturates at ``max_norm``.
+
+    Hard clipping cuts the norm at ``c``: every norm above ``c`` comes out as
+    exactly ``c``, and the output norm has a kink there. This "exponential"
+    variant leaves norms below the knee ``\tau = k c`` untouched and decays the
+    excess above it, so the output norm approaches ``c`` without reaching it:
+
+    .. math::
+
+      f(n) = \begin{cases} n & n \le \tau \\
+      \tau + (c - \tau)\left(1 - e^{-(n - \tau)/(c - \tau)}\right) & n > \tau
+      \end{cases}, \qquad g \leftarrow g \cdot \frac{f(\lVert g \rVert)}
+      {\lVert g \rVert}
+
+    ``f`` is continuous with a continuous first derivative (``f'(\tau) = 1``),
+    strictly increasing, ``f(n) \le \min(n, c)``, and ``f(n) \to c`` as
+    ``n \to \infty``, so the output norm never exceeds ``max_norm`` and is
+    continuous in the input norm. With ``knee=0`` this is
+    ``c (1 - e^{-n/c})``; as ``knee`` approaches 1 it becomes hard clipping.
+    The direction is always preserved.
+
+    Non-finite policy as in :func:`clip_by_global_norm`.
+
+    Args:
+      max_norm: the norm the output saturates at (a scalar >= 0).
+      knee: fraction of ``max_norm`` below which the update is untouched, in
+        ``[0, 1)`` (default 0.5).
+      norm_type: ``1``, ``2`` (default) or ``inf``.
+      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+      axis_name: mapped axes over which the update is sharded (see
+        :func:`clip_by_global_norm`).
+
+    Returns:
+      An :class:`optax.GradientTransformation` whose state is a
+      :class:`SoftClipByGlobalNormState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_clip
+      >>> tx = optax_clip.soft_clip_by_global_norm(max_norm=1.0, knee=0.5)
+      >>> small, _ = tx.update(jnp.array([0.3, 0.4]), tx.init(None))
+      >>> small  # norm 0.5 is at the knee: untouched
+      Array([0.3, 0.4], dtype=float32)
+      >>> big, state = tx.update(jnp.array([30.0, 40.0]), tx.init(None))
+      >>> float(state.clip_stats.post_clip_norm)  # close to, but below, 1
+      1.0
+
+    References:
+      Pascanu et al., `On the difficulty of training Recurrent Neural Networks
+      <https://arxiv.org/abs/1211.5063>`_, 2013 (hard norm clipping, which this
+      smooths)
+    """
+    p = _numerics.canonical_norm_type(norm_type)
+    _core.check_nonnegative("max_norm", max_norm)
+    _core.check_in_range("knee", knee, 0.0, 1.0)
+    policy = _core.check_policy(nonfinite)
+    axes = _numerics.canonical_axis_name(axis_name)
+    factor = soft_clip_factor(knee)
+
+    def init_fn(params):
+        del params
+        return SoftClipByGlobalNormState(init_clip_stats(max_norm))
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = _numerics.global_norm(updates, p, axes)
+        threshold = _core.threshold_array(max_norm, norm.dtype)
+        applied = _core.apply_global(updates, norm, threshold, policy, factor)
+        stats = _core.record(state.clip_stats, applied, threshold)
+        return applied.updates, SoftClipByGlobalNormState(stats)
+
+    return optax.GradientTransformation(init_fn, update_fn)
