@@ -8,7 +8,6 @@ chain it before your optimizer::
 and read what it did with :func:`optax_clip.get_stats`.
 """
 
-from optax_clip._stats import ClipStats, get_stats
 from optax_clip._static import (
     ClipByBlockNormState,
     ClipByGlobalNormState,
@@ -19,6 +18,7 @@ from optax_clip._static import (
     clip_by_value,
     soft_clip_by_global_norm,
 )
+from optax_clip._stats import ClipStats, get_stats
 
 __version__ = "0.1.0"
 

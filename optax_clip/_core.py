@@ -44,7 +44,9 @@ def _as_scalar(name: str, value: Any) -> float | None:
         raise TypeError(f"{name} must be a real number, got {value!r}.") from err
     if arr.shape != ():
         raise ValueError(f"{name} must be a scalar, got an array of shape {arr.shape}.")
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+    if not (
+        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+    ):
         raise TypeError(f"{name} must be a real number, got {value!r}.")
     x = float(arr)
     if math.isnan(x):
@@ -254,7 +256,9 @@ def apply_per_leaf(
     leaves, treedef = jax.tree.flatten(updates)
     if not leaves:
         zero = jnp.zeros((), jnp.float32)
-        return Applied(updates, zero, zero, jnp.ones((), jnp.float32), zero > 0, zero > 0)
+        return Applied(
+            updates, zero, zero, jnp.ones((), jnp.float32), zero > 0, zero > 0
+        )
     bad = [~jnp.isfinite(n) for n in norms]
     any_bad = jnp.any(jnp.stack(bad))
     new_leaves, values, posts, clips = [], [], [], []

@@ -279,7 +279,9 @@ def global_norm(tree: Any, norm_type: float = 2.0, axis_name: tuple = ()) -> jax
         )
 
     p = norm_type
-    total = _reduce_partials([_power_sum(x, p) for x in leaves], leaf_axes, "sum", dtype)
+    total = _reduce_partials(
+        [_power_sum(x, p) for x in leaves], leaf_axes, "sum", dtype
+    )
 
     def plain(total):
         return safe_root(total, p)

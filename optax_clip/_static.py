@@ -11,6 +11,7 @@ import optax
 from optax_clip import _core, _numerics
 from optax_clip._stats import ClipStats, init_clip_stats
 
+
 class ClipByGlobalNormState(NamedTuple):
     """State of :func:`clip_by_global_norm`.
 
@@ -24,7 +25,7 @@ class ClipByGlobalNormState(NamedTuple):
 
 def clip_by_global_norm(
     max_norm: jax.typing.ArrayLike,
-    norm_type: Any = 2,
+    norm_type: Any = "l2",
     *,
     nonfinite: _core.NonFinitePolicy = "propagate",
     axis_name: Any = None,
@@ -60,7 +61,10 @@ def clip_by_global_norm(
     Args:
       max_norm: the largest global norm allowed (a scalar >= 0; ``inf``
         disables clipping but keeps the statistics).
-      norm_type: ``1``, ``2`` (default) or ``inf``.
+      norm_type: ``"l2"`` (default), ``"l1"`` or ``"inf"``; the numbers ``2``,
+        ``1`` and ``float("inf")`` are accepted too (a string is never traced
+        by :func:`optax.inject_hyperparams`; a number must be listed in its
+        ``static_args``).
       nonfinite: what a step whose updates hold a NaN or Inf becomes:
         ``"propagate"`` (default) or ``"zero_update"``.
       axis_name: name (or tuple of names) of the mapped axes (``pmap``,
@@ -119,7 +123,7 @@ class ClipByBlockNormState(NamedTuple):
 
 def clip_by_block_norm(
     max_norm: jax.typing.ArrayLike,
-    norm_type: Any = 2,
+    norm_type: Any = "l2",
     *,
     nonfinite: _core.NonFinitePolicy = "propagate",
     axis_name: Any = None,
@@ -144,7 +148,10 @@ def clip_by_block_norm(
 
     Args:
       max_norm: the largest norm allowed for each leaf (a scalar >= 0).
-      norm_type: ``1``, ``2`` (default) or ``inf``.
+      norm_type: ``"l2"`` (default), ``"l1"`` or ``"inf"``; the numbers ``2``,
+        ``1`` and ``float("inf")`` are accepted too (a string is never traced
+        by :func:`optax.inject_hyperparams`; a number must be listed in its
+        ``static_args``).
       nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
       axis_name: mapped axes over which leaves are sharded (see
         :func:`clip_by_global_norm`); each leaf's norm is then its global norm.
@@ -353,7 +360,7 @@ def soft_clip_factor(knee: Any):
 def soft_clip_by_global_norm(
     max_norm: jax.typing.ArrayLike,
     knee: jax.typing.ArrayLike = 0.5,
-    norm_type: Any = 2,
+    norm_type: Any = "l2",
     *,
     nonfinite: _core.NonFinitePolicy = "propagate",
     axis_name: Any = None,
@@ -385,7 +392,10 @@ def soft_clip_by_global_norm(
       max_norm: the norm the output saturates at (a scalar >= 0).
       knee: fraction of ``max_norm`` below which the update is untouched, in
         ``[0, 1)`` (default 0.5).
-      norm_type: ``1``, ``2`` (default) or ``inf``.
+      norm_type: ``"l2"`` (default), ``"l1"`` or ``"inf"``; the numbers ``2``,
+        ``1`` and ``float("inf")`` are accepted too (a string is never traced
+        by :func:`optax.inject_hyperparams`; a number must be listed in its
+        ``static_args``).
       nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
       axis_name: mapped axes over which the update is sharded (see
         :func:`clip_by_global_norm`).

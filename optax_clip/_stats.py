@@ -130,7 +130,9 @@ def _records(state: Any, path: tuple[str, ...]):
         values: dict[str, Any] = {}
         stats = getattr(node, "clip_stats", None)
         if stats is not None:
-            values.update({f: _unwrap(v) for f, v in zip(stats._fields, stats)})
+            values.update(
+                {f: _unwrap(v) for f, v in zip(stats._fields, stats, strict=True)}
+            )
         for field in getattr(type(node), "_stats_fields", ()):
             values[field] = _unwrap(getattr(node, field))
         yield type(node)._stats_name, node_path, values

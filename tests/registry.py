@@ -1,0 +1,99 @@
+"""Every public transform of optax_clip, described once for the contract suite.
+
+Add a ``Case`` here for each new public transform; ``test_public_api`` fails if
+a public factory has no case, and ``test_contract`` runs every case through the
+same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+import optax_clip as oc
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """How to build one public transform for the contract checks.
+
+    Attributes:
+      name: the public factory's name (``optax_clip.<name>``).
+      make: builds the transform from keyword overrides of ``kwargs``.
+      kwargs: default keyword arguments.
+      threshold: name of the argument that bounds the output (set to 0 in the
+        ``max_norm=0`` check and traced in the ``inject_hyperparams`` check),
+        or None when the transform has none.
+      bound: a function of the kwargs giving the largest output norm (2-norm,
+        global) the transform promises, or None.
+      needs_params: whether ``update`` needs ``params``.
+      policy: the non-finite policy the case runs with by default (propagate
+        or zero_update); ``"skip"`` for wrappers that skip the step.
+      inject_static: argument names to keep static under inject_hyperparams.
+      wrapper: True for transforms that wrap an inner optimizer.
+      extra_args: extra keyword arguments for ``update``.
+    """
+
+    name: str
+    make: Callable[..., optax.GradientTransformation]
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    threshold: str | None = None
+    bound: Callable[[dict], float] | None = None
+    needs_params: bool = False
+    policy: str = "propagate"
+    inject_static: tuple = ()
+    wrapper: bool = False
+    extra_args: dict = dataclasses.field(default_factory=dict)
+
+    def build(self, **overrides: Any) -> optax.GradientTransformation:
+        return self.make(**{**self.kwargs, **overrides})
+
+    @property
+    def all_kwargs(self) -> dict:
+        return dict(self.kwargs)
+
+
+def _global(kw):
+    return kw["max_norm"]
+
+
+def _sqrt_leaves_bound(n_leaves: int):
+    return lambda kw: kw["max_norm"] * n_leaves**0.5
+
+
+CASES: list[Case] = [
+    Case(
+        "clip_by_global_norm",
+        oc.clip_by_global_norm,
+        {"max_norm": 1.0},
+        threshold="max_norm",
+        bound=_global,
+    ),
+    Case(
+        "clip_by_block_norm",
+        oc.clip_by_block_norm,
+        {"max_norm": 1.0},
+        threshold="max_norm",
+        # Each of the (at most 3) leaves of the contract trees is bounded.
+        bound=_sqrt_leaves_bound(3),
+    ),
+    Case(
+        "clip_by_value",
+        oc.clip_by_value,
+        {"max_delta": 1.0},
+        threshold="max_delta",
+        bound=None,
+    ),
+    Case(
+        "soft_clip_by_global_norm",
+        oc.soft_clip_by_global_norm,
+        {"max_norm": 1.0},
+        threshold="max_norm",
+        bound=_global,
+    ),
+]
+
+CASES_BY_NAME = {c.name: c for c in CASES}
