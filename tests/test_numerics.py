@@ -1,0 +1,188 @@
+"""Norms against NumPy float64 references: dtypes, overflow, underflow, zero."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optax_clip import _numerics as num
+
+P_TYPES = [1.0, 2.0, np.inf]
+
+
+def ref_norm(leaves, p):
+    flat = np.concatenate(
+        [np.abs(np.asarray(x, np.complex128)).ravel() for x in leaves] + [np.zeros(0)]
+    )
+    if flat.size == 0:
+        return 0.0
+    if p == np.inf:
+        return float(np.max(flat))
+    m = np.max(flat)
+    if m == 0:
+        return 0.0
+    return float(m * np.sum((flat / m) ** p) ** (1 / p))
+
+
+def mixed_tree(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "f32": jnp.asarray(rng.normal(size=(7, 5)), jnp.float32),
+        "bf16": jnp.asarray(rng.normal(size=(11,)), jnp.bfloat16),
+        "f16": jnp.asarray(rng.normal(size=(3, 2, 2)), jnp.float16),
+        "scalar": jnp.asarray(-2.5, jnp.float32),
+        "empty": jnp.zeros((0, 4), jnp.float32),
+        "none": None,
+    }
+
+
+@pytest.mark.parametrize("p", P_TYPES)
+def test_global_norm_matches_numpy(p):
+    tree = mixed_tree()
+    got = jax.jit(lambda t: num.global_norm(t, p))(tree)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(
+        float(got), ref_norm(jax.tree.leaves(tree), p), rtol=2e-6
+    )
+
+
+@pytest.mark.parametrize("p", P_TYPES)
+def test_leaf_norms_match_numpy(p):
+    tree = mixed_tree(1)
+    got = jax.jit(lambda t: num.leaf_norms(t, p))(tree)
+    want = [ref_norm([x], p) for x in jax.tree.leaves(tree)]
+    np.testing.assert_allclose([float(g) for g in got], want, rtol=2e-6)
+
+
+@pytest.mark.parametrize("p", P_TYPES)
+@pytest.mark.parametrize(
+    "dtype,big",
+    [
+        (jnp.float32, 1e30),
+        (jnp.float32, 3e38),
+        (jnp.bfloat16, 1e30),
+        (jnp.float16, 300.0),
+    ],
+)
+def test_no_overflow(p, dtype, big):
+    x = jnp.asarray([big, -big / 3, 1.0, 0.0], dtype)
+    tree = {"a": x, "b": jnp.ones((3,), dtype)}
+    want = ref_norm(jax.tree.leaves(tree), p)
+    if not np.isfinite(want) or want > float(np.finfo(np.float32).max):
+        pytest.skip("true norm beyond float32")
+    got = jax.jit(lambda t: num.global_norm(t, p))(tree)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    leaf = jax.jit(lambda t: num.leaf_norms(t, p))(tree)[0]
+    np.testing.assert_allclose(float(leaf), ref_norm([tree["a"]], p), rtol=1e-5)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_no_underflow(p):
+    # Squares of 1e-25 are far below float32's smallest normal (1e-38).
+    tree = {"a": jnp.full((4,), 1e-25, jnp.float32), "b": jnp.zeros((2,))}
+    got = num.global_norm(tree, p)
+    np.testing.assert_allclose(
+        float(got), ref_norm(jax.tree.leaves(tree), p), rtol=1e-6
+    )
+    got_leaf = num.leaf_norms(tree, p)
+    np.testing.assert_allclose(float(got_leaf[0]), ref_norm([tree["a"]], p), rtol=1e-6)
+    assert float(got_leaf[1]) == 0.0
+
+
+def test_bf16_accumulates_in_float32_across_leaves():
+    # optax adds per-leaf sums in bf16: once the running sum reaches 256, adding
+    # a leaf's 1.0 is lost (1000 such leaves give 16 instead of 31.62). Here:
+    # one leaf with sum of squares 256, then 64 leaves of 1.0 (true norm 17.89).
+    tree = [jnp.ones((256,), jnp.bfloat16)] + [jnp.ones((1,), jnp.bfloat16)] * 64
+    got = jax.jit(num.global_norm)(tree)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(float(got), np.sqrt(320), rtol=1e-6)
+    import optax
+
+    assert float(optax.tree.norm(tree)) == 16.0  # what we fix
+
+
+def test_fp16_large_leaf_sum():
+    # 1e5 fp16 ones: the leaf's sum of squares (1e5) exceeds fp16's range.
+    x = jnp.ones((100_000,), jnp.float16)
+    np.testing.assert_allclose(float(num.global_norm(x)), np.sqrt(1e5), rtol=1e-6)
+
+
+def test_float64_leaves_accumulate_in_float64():
+    with jax.enable_x64(True):
+        x = jnp.asarray([1e200, 1.0, -3e199], jnp.float64)
+        got = num.global_norm({"a": x, "b": jnp.ones(2, jnp.float32)})
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(float(got), np.hypot(1e200, 3e199), rtol=1e-12)
+
+
+def test_complex_leaves():
+    x = jnp.asarray([3 + 4j, 1j], jnp.complex64)
+    for p in P_TYPES:
+        np.testing.assert_allclose(
+            float(num.global_norm(x, p)), ref_norm([x], p), rtol=1e-6
+        )
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("p", P_TYPES)
+def test_nonfinite_input_gives_nonfinite_norm(bad, p):
+    tree = {"a": jnp.asarray([1.0, bad]), "b": jnp.ones(3)}
+    assert not np.isfinite(float(num.global_norm(tree, p)))
+    leaf = num.leaf_norms(tree, p)
+    assert not np.isfinite(float(leaf[0])) and np.isfinite(float(leaf[1]))
+
+
+def test_empty_tree():
+    for empty in ({}, [], None, {"a": None}):
+        assert float(num.global_norm(empty)) == 0.0
+        assert num.leaf_norms(empty) == []
+
+
+@pytest.mark.parametrize("p", P_TYPES)
+def test_gradient_of_norm_is_finite_at_zero(p):
+    zeros = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+    g = jax.grad(lambda t: num.global_norm(t, p))(zeros)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
+    g = jax.grad(lambda t: sum(num.leaf_norms(t, p)))(zeros)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
+
+
+def test_gradient_of_norm_matches_analytic():
+    x = jnp.asarray([3.0, -4.0])
+    np.testing.assert_allclose(jax.grad(num.global_norm)(x), [0.6, -0.8], rtol=1e-6)
+    # In the rescaled (overflow) regime too.
+    big = jnp.asarray([3e30, -4e30])
+    np.testing.assert_allclose(jax.grad(num.global_norm)(big), [0.6, -0.8], rtol=1e-6)
+
+
+def test_norm_of_values():
+    vals = [jnp.float32(3e30), jnp.float32(4e30), jnp.float32(0.0)]
+    np.testing.assert_allclose(float(num.norm_of_values(vals, 2.0)), 5e30, rtol=1e-6)
+    np.testing.assert_allclose(float(num.norm_of_values(vals, 1.0)), 7e30, rtol=1e-6)
+    assert float(num.norm_of_values(vals, np.inf)) == pytest.approx(4e30)
+    assert float(num.norm_of_values([], 2.0)) == 0.0
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [(1, 1.0), (2, 2.0), (2.0, 2.0), (np.inf, np.inf), ("inf", np.inf), ("L2", 2.0)],
+)
+def test_canonical_norm_type(value, expected):
+    assert num.canonical_norm_type(value) == expected
+
+
+@pytest.mark.parametrize("value", [3, 0, -1, 0.5, "fro", None, True, [2]])
+def test_unknown_norm_type_rejected(value):
+    with pytest.raises(ValueError, match="norm_type"):
+        num.canonical_norm_type(value)
+
+
+def test_canonical_axis_name():
+    assert num.canonical_axis_name(None) == ()
+    assert num.canonical_axis_name("d") == ("d",)
+    assert num.canonical_axis_name(("d", "m")) == ("d", "m")
+    with pytest.raises(ValueError, match="repeated"):
+        num.canonical_axis_name(("d", "d"))
+    with pytest.raises(TypeError):
+        num.canonical_axis_name(1.5)
