@@ -8,6 +8,24 @@ chain it before your optimizer::
 and read what it did with :func:`optax_clip.get_stats`.
 """
 
+from optax_clip._adaptive import (
+    AdaGCState,
+    AdaptiveGradClipState,
+    AutoClipState,
+    MaxNormSuggestion,
+    ZClipState,
+    adagc,
+    adaptive_grad_clip,
+    autoclip,
+    suggest_max_norm,
+    zclip,
+)
+from optax_clip._guards import (
+    SkipNonfiniteState,
+    SkipOnSpikeState,
+    skip_nonfinite,
+    skip_on_spike,
+)
 from optax_clip._static import (
     ClipByBlockNormState,
     ClipByGlobalNormState,
@@ -23,14 +41,28 @@ from optax_clip._stats import ClipStats, get_stats
 __version__ = "0.1.0"
 
 __all__ = (
+    "AdaGCState",
+    "AdaptiveGradClipState",
+    "AutoClipState",
     "ClipByBlockNormState",
     "ClipByGlobalNormState",
     "ClipByValueState",
     "ClipStats",
+    "MaxNormSuggestion",
+    "SkipNonfiniteState",
+    "SkipOnSpikeState",
     "SoftClipByGlobalNormState",
+    "ZClipState",
+    "adagc",
+    "adaptive_grad_clip",
+    "autoclip",
     "clip_by_block_norm",
     "clip_by_global_norm",
     "clip_by_value",
     "get_stats",
+    "skip_nonfinite",
+    "skip_on_spike",
     "soft_clip_by_global_norm",
+    "suggest_max_norm",
+    "zclip",
 )

@@ -112,11 +112,12 @@ def _magnitude(x: jax.Array) -> jax.Array:
     return jnp.abs(x.astype(acc))
 
 
-def _power_sum(x: jax.Array, p: float, exponent: jax.Array | None = None):
-    """``sum(|x * 2**-exponent|**p)`` in the accumulation dtype (p is 1 or 2).
+def _power_sum(x: jax.Array, p: float, factors: tuple | None = None):
+    """``sum(|x * f1 * f2|**p)`` in the accumulation dtype (p is 1 or 2).
 
-    The rescaling multiplies by two powers of two, each a normal float, and
-    never divides: XLA may turn ``x / m`` into ``x * (1/m)``, and ``1/m`` is
+    ``factors`` (see :func:`_pow2_factors`) are two powers of two, each a
+    normal float, used to rescale by ``2**-e``. We never divide by the largest
+    magnitude ``m``: XLA may turn ``x / m`` into ``x * (1/m)``, and ``1/m`` is
     subnormal (flushed to 0) for ``m`` near the float maximum.
     """
     x = jnp.asarray(x)
@@ -125,11 +126,16 @@ def _power_sum(x: jax.Array, p: float, exponent: jax.Array | None = None):
         a = x.astype(acc)  # no abs needed before squaring a real value
     else:
         a = _magnitude(x)
-    if exponent is not None:
-        half = exponent // 2
-        one = jnp.ones((), acc)
-        a = a * jnp.ldexp(one, -half) * jnp.ldexp(one, half - exponent)
+    if factors is not None:
+        a = a * factors[0].astype(acc) * factors[1].astype(acc)
     return jnp.sum(a * a) if p == 2.0 else jnp.sum(a)
+
+
+def _pow2_factors(exponent: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """Two normal floats whose product is ``2**-exponent`` (works elementwise)."""
+    half = exponent // 2
+    one = jnp.ones((), dtype)
+    return jnp.ldexp(one, -half), jnp.ldexp(one, half - exponent)
 
 
 def _exponent(m: jax.Array) -> jax.Array:
@@ -139,8 +145,46 @@ def _exponent(m: jax.Array) -> jax.Array:
 
 
 def _scaled_root(m: jax.Array, exponent: jax.Array, s: jax.Array, p: float):
-    """``2**exponent * s**(1/p)``, or ``m`` itself when ``m`` is NaN or Inf."""
-    return jnp.where(jnp.isfinite(m), jnp.ldexp(safe_root(s, p), exponent), m)
+    """``2**exponent * s**(1/p)``, or ``m`` itself when ``m`` is NaN or Inf.
+
+    A NaN sum ``s`` gives NaN even when ``m`` is finite: a max reduced across
+    devices may have lost the NaN (see :func:`_nan_max`), the sum never does.
+    """
+    root = jnp.where(jnp.isnan(s), s, jnp.ldexp(safe_root(s, p), exponent))
+    return jnp.where(jnp.isfinite(m), root, m)
+
+
+def _nan_max(v: jax.Array, axis: Any = None, keepdims: bool = False) -> jax.Array:
+    """``jnp.max`` that is NaN when ``v`` holds a NaN, also under sharded ``jit``.
+
+    XLA's cross-device max (the all-reduce GSPMD inserts when ``v`` is sharded;
+    measured on the CPU backend of jax 0.10.2) drops NaN like ``fmax``.
+    """
+    m = jnp.max(v, axis=axis, keepdims=keepdims)
+    bad = jnp.any(jnp.isnan(v), axis=axis, keepdims=keepdims)
+    return jnp.where(bad, jnp.asarray(jnp.nan, m.dtype), m)
+
+
+@jax.custom_jvp
+def _max_nonneg(a: jax.Array) -> jax.Array:
+    """``max(a)`` of a non-empty ``a >= 0``, NaN if any element is NaN; one pass.
+
+    XLA:CPU's max reduction of a large float array drops NaN (measured on jax
+    0.10.2: ``jnp.max`` of 20000 values, one NaN, is finite), and so does the
+    cross-device max of sharded ``jit``. The integer max of the bit patterns
+    keeps it: for non-negative floats the patterns are ordered like the values
+    and every NaN pattern (sign cleared by ``abs``) is above that of ``+inf``.
+    Differentiated like ``jnp.max``.
+    """
+    itype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[jnp.dtype(a.dtype).itemsize]
+    top = jnp.max(lax.bitcast_convert_type(a, itype))
+    return lax.bitcast_convert_type(top, a.dtype)
+
+
+@_max_nonneg.defjvp
+def _max_nonneg_jvp(primals, tangents):
+    (a,), (t,) = primals, tangents
+    return _max_nonneg(a), jax.jvp(jnp.max, (a,), (t,))[1]
 
 
 def _max_magnitude(x: jax.Array) -> jax.Array:
@@ -148,7 +192,7 @@ def _max_magnitude(x: jax.Array) -> jax.Array:
     mag = _magnitude(x)
     if mag.size == 0:
         return jnp.zeros((), mag.dtype)
-    return jnp.max(mag)
+    return _nan_max(mag)
 
 
 def safe_root(s: jax.Array, p: float) -> jax.Array:
@@ -163,6 +207,39 @@ def safe_root(s: jax.Array, p: float) -> jax.Array:
 def _in_normal_range(s: jax.Array) -> jax.Array:
     """True where ``tiny <= s < inf`` (False for NaN, Inf, 0 and subnormals)."""
     return (s >= jnp.finfo(s.dtype).tiny) & (s < jnp.inf)
+
+
+@jax.custom_jvp
+def materialize(x: Any) -> Any:
+    """Computes the small values ``x`` (a pytree) once, not inside each consumer.
+
+    XLA fuses cheap scalar arithmetic into every kernel that reads its result.
+    A value derived from the partial sums of all N leaves (a norm, a scale, a
+    rescaling factor) and read by N per-leaf kernels is then recomputed inside
+    each of them: O(N**2) instructions, which took XLA:CPU about a minute to
+    compile for 300 leaves. ``lax.optimization_barrier`` does not prevent this
+    (XLA:CPU removes it before fusion); a sort, which XLA never fuses, does.
+    The values are stacked twice and sorted by a constant key (a no-op costing
+    well under a microsecond). Differentiation treats it as the identity.
+    """
+    leaves, treedef = jax.tree.flatten(x)
+    if not leaves:
+        return x
+    arrays = [jnp.asarray(v) for v in leaves]
+    flat = [jnp.broadcast_to(v.reshape(1, -1), (2, v.size)) for v in arrays]
+    keys = lax.broadcasted_iota(jnp.int32, (2, max(v.size for v in arrays)), 0)
+    # Every operand of a sort has the keys' shape: pad the values to one width.
+    width = keys.shape[1]
+    flat = [jnp.pad(v, ((0, 0), (0, width - v.shape[1]))) for v in flat]
+    out = lax.sort((keys, *flat), dimension=0, num_keys=1)[1:]
+    res = [o[0, : v.size].reshape(v.shape) for o, v in zip(out, arrays, strict=True)]
+    return jax.tree.unflatten(treedef, res)
+
+
+@materialize.defjvp
+def _materialize_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return materialize(x), t
 
 
 # --------------------------------------------------------------------------
@@ -194,12 +271,46 @@ def _varying_axes(x: Any) -> frozenset:
 
 
 def _leaf_axes(leaves: Sequence[Any], axes: tuple) -> list[tuple]:
-    """For each leaf, the named axes its partial result must be reduced over."""
+    """For each leaf, the named axes its partial result must be reduced over.
+
+    Inside a ``shard_map`` that tracks replication, a leaf is reduced over the
+    named axes it varies on, and a name that is not one of its manual mesh
+    axes is an error (JAX cannot ``psum`` over it there, and ignoring it would
+    silently give a per-shard norm). Elsewhere every leaf is reduced over all
+    the named axes.
+    """
     if not axes:
         return [()] * len(leaves)
     if not _vma_is_tracked():
         return [axes] * len(leaves)
+    try:
+        manual = frozenset(jax.sharding.get_abstract_mesh().manual_axes)
+    except Exception:  # pragma: no cover - a future JAX without the query
+        manual = frozenset()
+    if not manual:  # pragma: no cover - tracked but outside any shard_map
+        return [axes] * len(leaves)
+    unknown = [a for a in axes if a not in manual]
+    if unknown:
+        raise ValueError(
+            f"axis_name {unknown!r} is not a mesh axis of the enclosing "
+            f"shard_map (its manual axes are {sorted(manual)!r})."
+        )
     return [tuple(a for a in axes if a in _varying_axes(x)) for x in leaves]
+
+
+def _pmax(x: jax.Array, axes: tuple) -> jax.Array:
+    """``lax.pmax`` that propagates NaN.
+
+    XLA's cross-device max (the CPU all-reduce, measured on jax 0.10.2) drops
+    NaN like ``fmax``, which would turn a NaN gradient into a finite norm. The
+    NaN flags travel in the same collective as the values.
+    """
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return lax.pmax(x, axes)
+    nan = jnp.isnan(x)
+    both = jnp.stack([jnp.where(nan, -jnp.inf, x), nan.astype(x.dtype)])
+    top, any_nan = lax.pmax(both, axes)
+    return jnp.where(any_nan > 0, jnp.nan, top)
 
 
 def _reduce_partials(
@@ -223,7 +334,7 @@ def _reduce_partials(
         else:
             part = jnp.max(stacked)
             if ax:
-                part = lax.pmax(part, ax)
+                part = _pmax(part, ax)
         if total is None:
             total = part
         elif op == "sum":
@@ -246,10 +357,236 @@ def _reduce_each(
     for ax, idx in groups.items():
         dtype = jnp.result_type(*[partials[i] for i in idx])
         stacked = jnp.stack([partials[i].astype(dtype) for i in idx])
-        reduced = lax.psum(stacked, ax) if op == "sum" else lax.pmax(stacked, ax)
+        reduced = lax.psum(stacked, ax) if op == "sum" else _pmax(stacked, ax)
         for k, i in enumerate(idx):
             out[i] = reduced[k].astype(partials[i].dtype)
     return out  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------
+# Reduction units: several same-shape leaves reduced by one kernel.
+# --------------------------------------------------------------------------
+
+#: Up to this many leaves of one shape (float32 or float64, at most
+#: :data:`GROUP_MAX_LEAF` values each) are summed elementwise and reduced by
+#: one kernel. Fewer kernels: less dispatch overhead per step with many small
+#: leaves, and much less compile time (XLA:CPU's compile time grows faster
+#: than linearly with the number of reductions). Larger leaves, and narrower
+#: dtypes (whose conversion to float32 XLA:CPU fuses into a reduction of one
+#: input only), are reduced one by one. 1 disables grouping.
+GROUP_SIZE = 16
+GROUP_MAX_LEAF = 16384
+#: Leaves of at most this many values (local or replicated) are copied into
+#: one buffer per dtype before the reduction, at most :data:`PACK_MAX_TOTAL`
+#: values per step. The overflow-safe rescaling branch (a ``lax.cond``) then
+#: takes a few buffers instead of thousands of tiny arrays: XLA:CPU compiles a
+#: conditional with thousands of operands very slowly.
+PACK_MAX_LEAF = 4096
+PACK_MAX_TOTAL = 1 << 20
+
+
+def _auto_context() -> bool:
+    """Whether the enclosing mesh context (``jax.set_mesh``) has Auto axes."""
+    try:
+        context = jax.sharding.get_abstract_mesh()
+        return not context.empty and jax.sharding.AxisType.Auto in tuple(
+            context.axis_types
+        )
+    except Exception:  # pragma: no cover - a JAX without mesh contexts
+        return True
+
+
+def _known_layout(x: Any, auto_context: bool) -> tuple | None:
+    """How ``x`` is laid out across devices, or None if that is not known.
+
+    Under ``Auto`` mesh axes the partitioner picks each array's sharding, so
+    two leaves of the same shape may be sharded differently (e.g. the rows of
+    one and the columns of the other), and adding them would make it move
+    data. Such leaves are never grouped. Under ``Explicit`` axes the sharding
+    is part of the type; leaves are grouped only with leaves of the same
+    sharding (adding differently sharded arrays would even be an error).
+    Values without a mesh, and the per-device values inside ``shard_map`` and
+    ``pmap`` (``Manual`` axes), are local: always groupable.
+    """
+    try:
+        sharding = jax.typeof(x).sharding
+        mesh = sharding.mesh
+        if mesh.empty:
+            return None if auto_context else ()
+        if jax.sharding.AxisType.Auto in tuple(mesh.axis_types):
+            return None
+        return (mesh, tuple(sharding.spec))
+    except Exception:  # pragma: no cover - a JAX without sharding in types
+        return None
+
+
+def _pack(
+    leaves: Sequence[Any], leaf_axes: Sequence[tuple]
+) -> tuple[list[jax.Array], list[tuple]]:
+    """Leaves, with the tiny ones concatenated (see :data:`PACK_MAX_LEAF`).
+
+    Only leaves whose layout is known to be local or replicated are packed:
+    concatenating sharded arrays would move data (``Auto`` axes) or fail
+    (``Explicit`` axes).
+    """
+    out: list[jax.Array] = []
+    out_axes: list[tuple] = []
+    if _auto_context():
+        return list(leaves), list(leaf_axes)
+    groups: dict[Any, tuple[tuple, list[jax.Array]]] = {}
+    budget = PACK_MAX_TOTAL
+    for leaf, ax in zip(leaves, leaf_axes, strict=True):
+        x = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
+        layout = None
+        if 0 < x.size <= min(PACK_MAX_LEAF, budget):
+            layout = _known_layout(x, False)
+            if layout and any(part is not None for part in layout[1]):
+                layout = None  # sharded along some axis
+        if layout is None:
+            out.append(x)
+            out_axes.append(ax)
+            continue
+        budget -= x.size
+        vary = _varying_axes(x) if ax else frozenset()
+        groups.setdefault((x.dtype, ax, vary, layout), (ax, []))[1].append(x)
+    for ax, xs in groups.values():
+        out.append(xs[0] if len(xs) == 1 else jnp.concatenate([x.ravel() for x in xs]))
+        out_axes.append(ax)
+    return out, out_axes
+
+
+def _units(
+    leaves: Sequence[Any],
+    leaf_axes: Sequence[tuple],
+    group_size: int,
+    max_leaf: int | None = None,
+) -> list[tuple[list[jax.Array], tuple]]:
+    """Non-empty leaves as reduction units ``(leaves, axes)``.
+
+    A unit holds up to ``group_size`` float32 (or float64) leaves of one
+    shape, layout and set of mapped axes (see :func:`_known_layout`), each of
+    at most ``max_leaf`` values (default :data:`GROUP_MAX_LEAF`); they are
+    summed elementwise before one reduction. Other leaves are units of one.
+    Empty leaves contribute nothing and are left out.
+    """
+    max_leaf = GROUP_MAX_LEAF if max_leaf is None else max_leaf
+    auto_context = _auto_context() if group_size > 1 else True
+    groups: dict[Any, tuple[tuple, list[jax.Array]]] = {}
+    for i, (leaf, ax) in enumerate(zip(leaves, leaf_axes, strict=True)):
+        x = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
+        if x.size == 0:
+            continue
+        layout = None
+        if (
+            not auto_context
+            and x.size <= max_leaf
+            and x.dtype == accumulation_dtype(x.dtype)
+        ):
+            layout = _known_layout(x, auto_context)
+        if layout is None:
+            key: Any = ("alone", i)
+        else:
+            vary = _varying_axes(x) if ax else frozenset()
+            key = (x.shape, x.dtype, ax, vary, layout)
+        groups.setdefault(key, (ax, []))[1].append(x)
+    units = []
+    size = max(group_size, 1)
+    for ax, xs in groups.values():
+        for start in range(0, len(xs), size):
+            units.append((xs[start : start + size], ax))
+    return units
+
+
+def _summand(
+    x: jax.Array, p: float, factors: dict | None = None, *, branch: bool = False
+) -> jax.Array:
+    """``|x * f1 * f2|**p`` elementwise, in the accumulation dtype (p is 1 or 2).
+
+    ``factors`` maps an accumulation dtype to the two rescaling factors.
+    ``branch=True`` (inside the rescaling branch of a ``lax.cond``) takes
+    ``|x|`` as ``max(x, -x)`` (or from the real and imaginary parts): the same
+    values through other operations than the plain pass. Otherwise XLA hoists
+    the identical conversion (e.g. bf16 -> f32) out of the branch and shares
+    it with the plain pass, which then writes a float32 copy of every gradient
+    on every step instead of fusing the conversion into its reduction.
+    """
+    acc = accumulation_dtype(x.dtype)
+    f1, f2 = factors[acc] if factors is not None else (None, None)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        if not branch:
+            a = lax.abs(x)
+            a = a if a.dtype == acc else lax.convert_element_type(a, acc)
+        else:
+            parts = []
+            for c in (lax.real(x), lax.imag(x)):
+                c = c if c.dtype == acc else lax.convert_element_type(c, acc)
+                if f1 is not None:
+                    c = lax.mul(lax.mul(c, f1), f2)
+                parts.append(c)
+            re, im = parts
+            if f1 is None:  # a bound within sqrt(2) of |x|: enough for the max
+                top = lax.max(lax.max(re, lax.neg(re)), lax.max(im, lax.neg(im)))
+                return lax.abs(top)
+            sq = lax.add(lax.mul(re, re), lax.mul(im, im))
+            return sq if p == 2.0 else lax.sqrt(sq)
+    elif branch:
+        a = lax.abs(lax.max(x, lax.neg(x)))  # abs: a NaN's sign bit cleared
+        a = a if a.dtype == acc else lax.convert_element_type(a, acc)
+    else:
+        a = x if x.dtype == acc else lax.convert_element_type(x, acc)
+        if p != 2.0:
+            a = lax.abs(a)  # no abs needed before squaring a real value
+    if f1 is not None:
+        a = lax.mul(lax.mul(a, f1), f2)
+    return lax.mul(a, a) if p == 2.0 else a
+
+
+def _cast_factors(factors: tuple, units) -> dict:
+    """The two rescaling factors cast once to each accumulation dtype in use."""
+    out = {}
+    for xs, _ in units:
+        acc = accumulation_dtype(xs[0].dtype)
+        if acc not in out:
+            out[acc] = (factors[0].astype(acc), factors[1].astype(acc))
+    return out
+
+
+def _branch_max(x: Any) -> jax.Array:
+    """``max |x|`` (0 if empty) for a rescaling branch (see :func:`_summand`)."""
+    x = jnp.asarray(x)
+    if x.size == 0:
+        return jnp.zeros((), accumulation_dtype(x.dtype))
+    return _max_nonneg(_summand(x, 1.0, branch=True))
+
+
+def _branch_power_sum(x: Any, p: float, f1: jax.Array, f2: jax.Array) -> jax.Array:
+    """``sum |x * f1 * f2|**p`` for a rescaling branch (see :func:`_summand`)."""
+    x = jnp.asarray(x)
+    acc = accumulation_dtype(x.dtype)
+    factors = {acc: (f1.astype(acc), f2.astype(acc))}
+    return jnp.sum(_summand(x, p, factors, branch=True))
+
+
+def _unit_power_sum(
+    xs: Sequence[jax.Array],
+    p: float,
+    factors: dict | None = None,
+    *,
+    branch: bool = False,
+):
+    """``sum_i sum(|x_i * f1 * f2|**p)`` over a unit, one reduction."""
+    total = _summand(xs[0], p, factors, branch=branch)
+    for x in xs[1:]:
+        total = lax.add(total, _summand(x, p, factors, branch=branch))
+    return jnp.sum(total)
+
+
+def _unit_max(xs: Sequence[jax.Array], *, branch: bool = False) -> jax.Array:
+    """``max_i max |x_i|`` over a unit (NaN if any NaN), one reduction."""
+    top = _summand(xs[0], 1.0, branch=branch)
+    for x in xs[1:]:
+        top = lax.max(top, _summand(x, 1.0, branch=branch))
+    return _max_nonneg(top)
 
 
 # --------------------------------------------------------------------------
@@ -257,13 +594,24 @@ def _reduce_each(
 # --------------------------------------------------------------------------
 
 
-def global_norm(tree: Any, norm_type: float = 2.0, axis_name: tuple = ()) -> jax.Array:
+def global_norm(
+    tree: Any,
+    norm_type: float = 2.0,
+    axis_name: tuple = (),
+    *,
+    group_size: int | None = None,
+) -> jax.Array:
     """The ``norm_type``-norm of all the values of ``tree``, overflow-safe.
+
+    Same-shape leaves are reduced together, up to ``group_size`` per kernel
+    (see :data:`GROUP_SIZE`), when their layout allows it; the result does not
+    depend on the grouping beyond float32 rounding.
 
     Args:
       tree: a pytree of arrays (``None`` leaves are ignored).
       norm_type: 1.0, 2.0 or ``inf`` (use :func:`canonical_norm_type`).
       axis_name: tuple of mapped axis names to combine partial sums over.
+      group_size: overrides :data:`GROUP_SIZE` (1: one reduction per leaf).
 
     Returns:
       A scalar in the widest accumulation dtype of the leaves (float32 at least).
@@ -273,30 +621,42 @@ def global_norm(tree: Any, norm_type: float = 2.0, axis_name: tuple = ()) -> jax
     if not leaves:
         return jnp.zeros((), dtype)
     leaf_axes = _leaf_axes(leaves, axis_name)
+    if group_size is None or group_size > 1:
+        leaves, leaf_axes = _pack(leaves, leaf_axes)
+    units = _units(leaves, leaf_axes, GROUP_SIZE if group_size is None else group_size)
+    if not units:  # only empty leaves
+        return jnp.zeros((), dtype)
+    unit_axes = [ax for _, ax in units]
     if norm_type == INF:
         return _reduce_partials(
-            [_max_magnitude(x) for x in leaves], leaf_axes, "max", dtype
+            [_unit_max(xs) for xs, _ in units], unit_axes, "max", dtype
         )
 
     p = norm_type
     total = _reduce_partials(
-        [_power_sum(x, p) for x in leaves], leaf_axes, "sum", dtype
+        [_unit_power_sum(xs, p) for xs, _ in units], unit_axes, "sum", dtype
     )
-
-    def plain(total):
-        return safe_root(total, p)
 
     def rescaled(total):
         del total
+        big, big_axes = units, unit_axes
         m = _reduce_partials(
-            [_max_magnitude(x) for x in leaves], leaf_axes, "max", dtype
+            [_unit_max(xs, branch=True) for xs, _ in big], big_axes, "max", dtype
         )
         e = _exponent(m)
+        # Computed once: every unit's kernel reads them.
+        factors = _cast_factors(materialize(_pow2_factors(e, dtype)), big)
         s = _reduce_partials(
-            [_power_sum(x, p, e) for x in leaves], leaf_axes, "sum", dtype
+            [_unit_power_sum(xs, p, factors, branch=True) for xs, _ in big],
+            big_axes,
+            "sum",
+            dtype,
         )
         # m is 0 (all zeros), positive (finite input) or NaN/Inf (bad input).
         return _scaled_root(m, e, s, p)
+
+    def plain(total):
+        return safe_root(total, p)
 
     return lax.cond(_in_normal_range(total), plain, rescaled, total)
 
@@ -318,27 +678,31 @@ def leaf_norms(
         return _reduce_each([_max_magnitude(x) for x in leaves], leaf_axes, "max")
 
     p = norm_type
+    dtype = tree_accumulation_dtype(leaves)
     sums = _reduce_each([_power_sum(x, p) for x in leaves], leaf_axes, "sum")
-    ok = [_in_normal_range(s) for s in sums]
-    all_ok = jnp.all(jnp.stack(ok))
+    # From here on, work on one vector of per-leaf values (few ops, not per leaf).
+    s_vec = jnp.stack([s.astype(dtype) for s in sums])
+    ok = _in_normal_range(s_vec)
 
-    def plain(sums):
-        return [safe_root(s, p) for s in sums]
+    def plain(s_vec):
+        return safe_root(s_vec, p)
 
-    def rescaled(sums):
-        ms = _reduce_each([_max_magnitude(x) for x in leaves], leaf_axes, "max")
-        exps = [_exponent(m) for m in ms]
+    def rescaled(s_vec):
+        ms = _reduce_each([_branch_max(x) for x in leaves], leaf_axes, "max")
+        m_vec = jnp.stack([m.astype(dtype) for m in ms])
+        e_vec = _exponent(m_vec)
+        f1, f2 = materialize(_pow2_factors(e_vec, dtype))
         scaled = _reduce_each(
-            [_power_sum(x, p, e) for x, e in zip(leaves, exps, strict=True)],
+            [_branch_power_sum(x, p, f1[i], f2[i]) for i, x in enumerate(leaves)],
             leaf_axes,
             "sum",
         )
-        out = []
-        for s, good, m, e, t in zip(sums, ok, ms, exps, scaled, strict=True):
-            out.append(jnp.where(good, safe_root(s, p), _scaled_root(m, e, t, p)))
-        return out
+        t_vec = jnp.stack([t.astype(dtype) for t in scaled])
+        slow = _scaled_root(m_vec, e_vec, t_vec, p)
+        return jnp.where(ok, safe_root(s_vec, p), slow)
 
-    return lax.cond(all_ok, plain, rescaled, sums)
+    norms = lax.cond(jnp.all(ok), plain, rescaled, s_vec)
+    return [norms[i].astype(s.dtype) for i, s in enumerate(sums)]
 
 
 def norm_of_values(values: Sequence[jax.Array], norm_type: float) -> jax.Array:
@@ -355,7 +719,7 @@ def norm_of_values(values: Sequence[jax.Array], norm_type: float) -> jax.Array:
     if norm_type == INF:
         return m
     e = _exponent(m)
-    s = _power_sum(v, norm_type, e)
+    s = _power_sum(v, norm_type, _pow2_factors(e, v.dtype))
     return _scaled_root(m, e, s, norm_type)
 
 
@@ -366,7 +730,7 @@ def reduce_max(tree: Any, axis_name: tuple = ()) -> jax.Array:
     if not leaves:
         return jnp.full((), -jnp.inf, dtype)
     parts = [
-        jnp.max(x.astype(dtype)) if x.size else jnp.full((), -jnp.inf, dtype)
+        _nan_max(x.astype(dtype)) if x.size else jnp.full((), -jnp.inf, dtype)
         for x in map(jnp.asarray, leaves)
     ]
     return _reduce_partials(parts, _leaf_axes(leaves, axis_name), "max", dtype)
@@ -378,3 +742,77 @@ def reduce_any(flags: Sequence[jax.Array], leaves: Sequence[Any], axis_name: tup
         return jnp.zeros((), bool)
     as_int = [f.astype(jnp.int32) for f in flags]
     return _reduce_partials(as_int, _leaf_axes(leaves, axis_name), "max", jnp.int32) > 0
+
+
+def unitwise_norms(
+    arrays: Sequence[jax.Array], axes: Sequence[tuple[int, ...]]
+) -> list[jax.Array]:
+    """Overflow-safe 2-norms of each array over its ``axes`` (kept as size-1 dims).
+
+    One norm per "unit", a slice of an array along its ``axes`` (e.g. the
+    fan-in of one output neuron of a weight matrix, for adaptive gradient
+    clipping); ``axes=()`` gives ``|x|`` element-wise. Same guarantees as
+    :func:`leaf_norms`, unit by unit: float32 (float64 for float64 arrays)
+    accumulation, no overflow or underflow for finite input, exactly 0 with a
+    finite gradient for an all-zero unit, NaN/Inf exactly where the unit holds
+    a NaN/Inf. The plain pass computes each unit's sum of squares and largest
+    magnitude together; one rescaled pass, for all arrays, runs only when some
+    non-zero unit's sum is outside the normal range.
+    """
+    out: list[jax.Array | None] = []
+    todo = []
+    for i, (x, ax) in enumerate(zip(arrays, axes, strict=True)):
+        x = jnp.asarray(x)
+        acc = accumulation_dtype(x.dtype)
+        ax = tuple(int(a) % max(x.ndim, 1) for a in ax)
+        if x.size == 0:
+            shape = tuple(1 if d in ax else n for d, n in enumerate(x.shape))
+            out.append(jnp.zeros(shape, acc))
+            continue
+        a = _magnitude(x)
+        out.append(None)
+        todo.append((i, a, ax))
+    if not todo:
+        return out  # type: ignore[return-value]
+    sums = [jnp.sum(a * a, axis=ax, keepdims=True) for _, a, ax in todo]
+    maxes = [jnp.max(a, axis=ax, keepdims=True) for _, a, ax in todo]
+    good = [_in_normal_range(s) | (m == 0) for s, m in zip(sums, maxes, strict=True)]
+    all_good = jnp.all(jnp.stack([jnp.all(g) for g in good]))
+
+    def plain(operands):
+        sums, _ = operands
+        return [safe_root(s, 2.0) for s in sums]
+
+    def bits_of(dtype):
+        info = jnp.finfo(dtype)
+        uint = jnp.int64 if info.bits == 64 else jnp.int32
+        return uint, info.nmant, info.maxexp - 1
+
+    def pow2(k, dtype):
+        # 2**k built from its bits (k within the normal exponent range): far
+        # fewer operations than jnp.ldexp, which matters for compile time.
+        uint, nmant, bias = bits_of(dtype)
+        return lax.bitcast_convert_type((k.astype(uint) + bias) << nmant, dtype)
+
+    def rescaled(operands):
+        sums, maxes = operands
+        norms = []
+        for (_, a, ax), s, m, ok in zip(todo, sums, maxes, good, strict=True):
+            uint, nmant, bias = bits_of(a.dtype)
+            field = (lax.bitcast_convert_type(m, uint) >> nmant) & (2 * bias + 1)
+            e = field - bias + 1  # m < 2**e (also for 0 and subnormal m)
+            half = e // 2
+            b = a * pow2(-half, a.dtype) * pow2(half - e, a.dtype)
+            t = jnp.sum(b * b, axis=ax, keepdims=True)
+            root = safe_root(t, 2.0) * pow2(half, a.dtype) * pow2(e - half, a.dtype)
+            # t is NaN iff the unit holds a NaN, also when m lost it (a max
+            # across devices drops NaN: see _nan_max).
+            root = jnp.where(jnp.isnan(t), t, root)
+            root = jnp.where(jnp.isfinite(m), root, m)
+            norms.append(jnp.where(ok, safe_root(s, 2.0), root))
+        return norms
+
+    norms = lax.cond(all_good, plain, rescaled, (sums, maxes))
+    for (i, _, _), n in zip(todo, norms, strict=True):
+        out[i] = n
+    return out  # type: ignore[return-value]

@@ -296,7 +296,8 @@ def clip_by_value(
         top = _numerics.reduce_max(updates, axes)  # -inf for an empty tree
         bottom = -_numerics.reduce_max(jax.tree.map(jnp.negative, updates), axes)
         nonfinite = jnp.isnan(top) | (top == jnp.inf) | (bottom == -jnp.inf)
-        has_values = top >= bottom
+        # An empty tree has top = -inf < bottom = inf; a NaN makes pre NaN.
+        has_values = (top >= bottom) | jnp.isnan(top) | jnp.isnan(bottom)
         pre = jnp.where(has_values, jnp.maximum(jnp.abs(top), jnp.abs(bottom)), 0.0)
         clipped = ((top > hi) | (bottom < lo)) & ~nonfinite
         post_top, post_bottom = jnp.clip(top, lo, hi), jnp.clip(bottom, lo, hi)

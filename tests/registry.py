@@ -96,4 +96,78 @@ CASES: list[Case] = [
     ),
 ]
 
+
+# Adaptive thresholds and training-step guards (issue 3).
+
+
+def _skip_nonfinite(max_norm=1.0):
+    """skip_nonfinite around a clip, so the threshold checks apply to it."""
+    return oc.skip_nonfinite(oc.clip_by_global_norm(max_norm))
+
+
+def _skip_on_spike(max_norm=1.0, window=8, sigma=6.0):
+    """skip_on_spike around a clip; inactive for the contract's first steps."""
+    return oc.skip_on_spike(oc.clip_by_global_norm(max_norm), window, sigma)
+
+
+CASES += [
+    Case(
+        "autoclip",
+        oc.autoclip,
+        {"percentile": 10.0, "history": 16, "max_norm": 1.0},
+        threshold="max_norm",
+        bound=_global,
+        inject_static=("history",),
+    ),
+    Case(
+        "zclip",
+        oc.zclip,
+        # A short warm-up, so that the contract's few steps also reach the
+        # z-score phase; max_norm bounds every phase.
+        {"max_norm": 1.0, "warmup_steps": 2},
+        threshold="max_norm",
+        bound=_global,
+    ),
+    Case(
+        "adagc",
+        oc.adagc,
+        # The contract's few steps are all warm-up (global clip to max_norm);
+        # tests/test_adaptive.py covers the per-tensor phase.
+        {"max_norm": 1.0},
+        threshold="max_norm",
+        bound=_global,
+    ),
+    Case(
+        "adaptive_grad_clip",
+        oc.adaptive_grad_clip,
+        # Units are clipped separately, which changes the direction of a leaf
+        # as soon as two units of it are clipped; with clipping=100 (and the
+        # contract's params of 0.5) only a unit holding a huge value is, so
+        # the direction check stays meaningful.
+        {"clipping": 100.0},
+        threshold="clipping",
+        bound=None,
+        needs_params=True,
+    ),
+    Case(
+        "skip_nonfinite",
+        _skip_nonfinite,
+        {"max_norm": 1.0},
+        threshold="max_norm",
+        bound=_global,
+        policy="skip",
+        wrapper=True,
+    ),
+    Case(
+        "skip_on_spike",
+        _skip_on_spike,
+        {"max_norm": 1.0, "window": 8, "sigma": 6.0},
+        threshold="max_norm",
+        bound=_global,
+        policy="skip",
+        inject_static=("window",),
+        wrapper=True,
+    ),
+]
+
 CASES_BY_NAME = {c.name: c for c in CASES}

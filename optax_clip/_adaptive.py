@@ -1,0 +1,950 @@
+"""Clipping with thresholds derived from the training run itself.
+
+AutoClip (a percentile of recent norms), ZClip (an EMA z-score), AdaGC (a
+per-tensor EMA), AGC (relative to the parameters' norms), and
+:func:`suggest_max_norm` to pick a fixed threshold from recorded norms.
+
+Every transform is built on the shared pipeline: norms from ``_numerics``
+(float32 accumulation, overflow-safe), the threshold decided from the state,
+the scale applied by ``_core`` under the non-finite policy, and the statistics
+recorded in a :class:`optax_clip.ClipStats`. States are fixed-shape arrays, so
+they are checkpointable and can be the carry of :func:`jax.lax.scan`. A step
+whose updates hold a NaN or Inf never changes the adaptive statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_clip import _core, _numerics
+from optax_clip._stats import ClipStats, init_clip_stats
+
+_F32 = jnp.float32
+_I32 = jnp.int32
+
+
+def _static_int(name: str, value: Any, *, minimum: int) -> int:
+    """A Python int for an argument that fixes the shape of the state."""
+    if _core.is_traced(value):
+        raise TypeError(
+            f"{name} fixes the shape of the state and cannot be traced. With "
+            f"optax.inject_hyperparams, pass static_args=({name!r},)."
+        )
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got {value!r}.")
+    arr = np.asarray(value)
+    if arr.shape != () or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must be an integer, got {value!r}.")
+    out = int(arr)
+    if out < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {out}.")
+    return out
+
+
+def _check_count(name: str, value: Any, *, minimum: int) -> None:
+    """Validates an integer count that may be traced (not shape-fixing)."""
+    if _core.is_traced(value):
+        return
+    x = _core.check_real(name, value, allow_inf=False)
+    if x is not None and (x != math.floor(x) or x < minimum):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    x = _core.check_real(name, value)
+    if x is not None and not x > 0:
+        raise ValueError(f"{name} must be > 0, got {x}.")
+
+
+def _choice(name: str, value: Any, options: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.lower() not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}.")
+    return value.lower()
+
+
+def _finite_increment(count: jax.Array, finite: jax.Array) -> jax.Array:
+    """``count + 1`` (saturating) where ``finite``, else ``count``."""
+    return jnp.where(finite, optax.safe_increment(count), count)
+
+
+# --------------------------------------------------------------------------
+# AutoClip
+# --------------------------------------------------------------------------
+
+
+class AutoClipState(NamedTuple):
+    """State of :func:`autoclip`.
+
+    Attributes:
+      clip_stats: :class:`optax_clip.ClipStats` of the last step;
+        ``clip_threshold`` is the percentile in force (capped by ``max_norm``).
+      norm_history: ring buffer (float32, length ``history``) of the pre-clip
+        norms of the last finite steps; only the first ``history_len`` slots
+        are meaningful until it has filled.
+      history_pos: slot the next norm is written to (int32).
+      history_len: number of norms in the buffer (int32, at most ``history``).
+      norm_rank: percentile rank (0 to 100) of the last step's norm among the
+        norms in the buffer, itself included (float32).
+    """
+
+    clip_stats: ClipStats
+    norm_history: jax.Array
+    history_pos: jax.Array
+    history_len: jax.Array
+    norm_rank: jax.Array
+    _stats_name = "autoclip"
+    _stats_fields = ("history_len", "norm_rank")
+
+
+def _linear_percentile(values: jax.Array, count: jax.Array, q: jax.Array):
+    """``numpy.percentile(values[:count], q)`` (linear method) of a padded buffer.
+
+    ``values`` holds ``count`` meaningful entries in its first slots; the others
+    are ignored. ``count`` >= 1.
+    """
+    size = values.shape[0]
+    valid = jnp.arange(size) < count
+    ordered = jnp.sort(jnp.where(valid, values, jnp.inf))
+    last = count - 1
+    # position = last * q / 100, with its fractional part computed from the
+    # product last * q (exact in float32 for integer-valued percentiles): a
+    # rounded position would be amplified by a large gap between neighbours.
+    scaled = last.astype(values.dtype) * jnp.asarray(q, values.dtype)
+    lower = jnp.clip(jnp.floor(scaled / 100), 0, last.astype(values.dtype))
+    frac = jnp.clip((scaled - 100 * lower) / 100, 0, 1)
+    lo = jnp.clip(lower.astype(_I32), 0, last)
+    hi = jnp.minimum(lo + 1, last)
+    a, b = ordered[lo], ordered[hi]
+    return a + (b - a) * frac
+
+
+def autoclip(
+    percentile: jax.typing.ArrayLike = 10.0,
+    history: int = 1000,
+    max_norm: jax.typing.ArrayLike = math.inf,
+    norm_type: Any = "l2",
+    *,
+    nonfinite: _core.NonFinitePolicy = "propagate",
+    axis_name: Any = None,
+) -> optax.GradientTransformation:
+    r"""Clips to a percentile of the recent global norms (AutoClip).
+
+    Every step the pre-clip global norm :math:`n_t` is appended to a history
+    of the last ``history`` norms (a fixed-size ring buffer kept in the state),
+    and the update is clipped to the ``percentile``-th percentile of that
+    history, current step included:
+
+    .. math::
+
+      c_t = \min\big(\operatorname{percentile}_p(n_{t-H+1}, \dots, n_t),\;
+      \text{max\_norm}\big), \qquad
+      g \leftarrow g \cdot \min\left(1, \frac{c_t}{n_t}\right)
+
+    The percentile uses linear interpolation (``numpy.percentile``'s default).
+    **Before the buffer fills** (the first ``history`` steps) the percentile is
+    taken over the norms seen so far, exactly as the original unbounded-history
+    AutoClip does; in particular the first step is never clipped (its threshold
+    is its own norm) unless ``max_norm`` is lower. Steps whose norm is NaN or
+    Inf are handled by the non-finite policy and never enter the history.
+
+    Differences from the reference PyTorch code: the history is bounded
+    (``history`` norms; the paper keeps all of them, the authors' packaged
+    ``QuantileClip`` keeps 1000), it runs under ``jit`` without host syncs, the
+    norm is our overflow-safe float32 norm, and ``max_norm`` optionally caps
+    the threshold (default: no cap, as in the paper).
+
+    Args:
+      percentile: percentile of the history to clip to, in ``[0, 100]``
+        (default 10, the value the paper recommends; lower clips harder).
+      history: number of recent norms kept (fixes the state's shape: with
+        :func:`optax.inject_hyperparams`, list it in ``static_args``).
+      max_norm: optional upper bound on the threshold (default ``inf``).
+      norm_type: ``"l2"`` (default), ``"l1"`` or ``"inf"``.
+      nonfinite: ``"propagate"`` (default) or ``"zero_update"``; see
+        :func:`optax_clip.clip_by_global_norm`.
+      axis_name: mapped axes over which the update is sharded (see
+        :func:`optax_clip.clip_by_global_norm`).
+
+    Returns:
+      An :class:`optax.GradientTransformation` whose state is an
+      :class:`AutoClipState`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax_clip
+      >>> tx = optax_clip.autoclip(percentile=50.0, history=4)
+      >>> update, state = jax.jit(tx.update), tx.init(None)
+      >>> for norm in [1.0, 3.0, 2.0, 10.0]:
+      ...     out, state = update(jnp.array([norm]), state)
+      >>> out  # clipped to the median of [1, 3, 2, 10]
+      Array([2.5], dtype=float32)
+      >>> int(state.history_len), float(state.norm_rank)
+      (4, 100.0)
+
+    References:
+      Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
+      Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020
+    """
+    p = _numerics.canonical_norm_type(norm_type)
+    _core.check_in_range("percentile", percentile, 0.0, 100.0, closed_high=True)
+    size = _static_int("history", history, minimum=1)
+    _core.check_nonnegative("max_norm", max_norm)
+    policy = _core.check_policy(nonfinite)
+    axes = _numerics.canonical_axis_name(axis_name)
+
+    def init_fn(params):
+        del params
+        return AutoClipState(
+            clip_stats=init_clip_stats(max_norm),
+            norm_history=jnp.zeros((size,), _F32),
+            history_pos=jnp.zeros((), _I32),
+            history_len=jnp.zeros((), _I32),
+            norm_rank=jnp.zeros((), _F32),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = _numerics.global_norm(updates, p, axes)
+        finite = jnp.isfinite(norm)
+        n32 = jnp.where(finite, norm, 0).astype(_F32)
+        buf = state.norm_history.at[state.history_pos].set(n32)
+        count = jnp.minimum(state.history_len + 1, size)
+        level = _linear_percentile(buf, count, percentile)
+        level = jnp.minimum(level, _core.threshold_array(max_norm, _F32))
+        # Compare in float32 (the history's dtype): a norm equal to the level
+        # is never clipped, also for float64 gradients.
+        thr = jnp.where(n32 <= level, jnp.maximum(norm, level), level)
+        threshold = jnp.maximum(thr.astype(norm.dtype), 0)
+        applied = _core.apply_global(updates, norm, threshold, policy)
+        valid = jnp.arange(size) < count
+        below = jnp.sum((valid & (buf <= n32)).astype(_F32))
+        rank = jnp.where(finite, 100.0 * below / count.astype(_F32), 100.0)
+        shown = jnp.where(finite, level, state.clip_stats.clip_threshold)
+        stats = _core.record(state.clip_stats, applied, shown)
+        new_state = AutoClipState(
+            clip_stats=stats,
+            norm_history=jnp.where(finite, buf, state.norm_history),
+            history_pos=jnp.where(
+                finite, (state.history_pos + 1) % size, state.history_pos
+            ).astype(_I32),
+            history_len=jnp.where(finite, count, state.history_len).astype(_I32),
+            norm_rank=rank.astype(_F32),
+        )
+        return applied.updates, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# ZClip
+# --------------------------------------------------------------------------
+
+
+class ZClipState(NamedTuple):
+    """State of :func:`zclip`.
+
+    Attributes:
+      clip_stats: :class:`optax_clip.ClipStats` of the last step;
+        ``clip_threshold`` is the norm above which a step counts as a spike
+        and is clipped (``max_norm`` during warm-up). A spike is clipped *to*
+        a lower value in the ``"zscore"`` mode: see ``post_clip_norm``.
+      norm_mean: EMA of the (clipped) norm; during warm-up, the running mean
+        of the warm-up norms (float32).
+      norm_var: EMA of the squared deviation of the (clipped) norm; during
+        warm-up, the running population variance (float32).
+      norm_zscore: z-score of the last step's norm (0 during warm-up).
+      norms_seen: number of finite steps seen (int32, saturating).
+    """
+
+    clip_stats: ClipStats
+    norm_mean: jax.Array
+    norm_var: jax.Array
+    norm_zscore: jax.Array
+    norms_seen: jax.Array
+    _stats_name = "zclip"
+    _stats_fields = ("norm_mean", "norm_std", "norm_zscore", "norms_seen")
+
+    @property
+    def norm_std(self) -> jax.Array:
+        """Standard deviation of the norm (square root of ``norm_var``)."""
+        return jnp.sqrt(jnp.maximum(self.norm_var, 0))
+
+
+def zclip(
+    alpha: jax.typing.ArrayLike = 0.97,
+    z_thresh: jax.typing.ArrayLike = 2.5,
+    warmup_steps: jax.typing.ArrayLike = 25,
+    max_norm: jax.typing.ArrayLike = math.inf,
+    mode: str = "zscore",
+    clip_option: str = "adaptive_scaling",
+    clip_factor: jax.typing.ArrayLike = 1.0,
+    eps: jax.typing.ArrayLike = 1e-6,
+    *,
+    freeze_ema_on_spike: bool = False,
+    nonfinite: _core.NonFinitePolicy = "propagate",
+    axis_name: Any = None,
+) -> optax.GradientTransformation:
+    r"""Clips norm spikes detected by a z-score against an EMA (ZClip).
+
+    **Warm-up.** For the first ``warmup_steps`` (finite) steps the update is
+    only clipped to ``max_norm``; then the mean :math:`\mu` and population
+    variance :math:`\sigma^2` of those norms start the EMAs.
+
+    **Each later step**, with pre-clip norm :math:`n`:
+
+    .. math::
+
+      z = \frac{n - \mu}{\sigma + \epsilon}, \qquad
+      c = \begin{cases}
+        \left(\mu + \dfrac{z_{\text{thresh}}^2\,\sigma}{z}\right)
+          \cdot \text{clip\_factor}
+          & \text{mode="zscore", clip\_option="adaptive\_scaling"} \\
+        \mu & \text{mode="zscore", clip\_option="mean"} \\
+        \mu + z_{\text{thresh}}\,\sigma & \text{mode="percentile"}
+      \end{cases}
+
+    A spike is :math:`z > z_{\text{thresh}}` (``"zscore"``) or
+    :math:`n > \mu + z_{\text{thresh}}\sigma` (``"percentile"``). A spike is
+    clipped to :math:`\min(c, \text{max\_norm})`, any other step to
+    ``max_norm``. Adaptive scaling clips harder the larger the spike
+    (:math:`\mu + z_{\text{thresh}}\sigma / (z / z_{\text{thresh}})`). The EMAs
+    are then updated with the *clipped* value :math:`n' = c` on a spike and
+    :math:`n' = n` otherwise (not capped by ``max_norm``, as in the reference):
+
+    .. math::
+
+      \mu \leftarrow \alpha\mu + (1 - \alpha)\,n', \qquad
+      \sigma^2 \leftarrow \alpha\sigma^2 + (1 - \alpha)\,(n' - \mu)^2
+
+    where the variance uses the freshly updated :math:`\mu`, as the reference
+    code does. With ``freeze_ema_on_spike=True`` the EMAs skip spikes (the
+    reference's ``skip_update_on_spike``). Steps with a NaN or Inf norm are
+    handled by the non-finite policy and never touch the EMAs.
+
+    Defaults follow the paper's reference implementation (``alpha=0.97``,
+    ``z_thresh=2.5``, ``warmup_steps=25``, ``eps=1e-6``, zscore mode with
+    adaptive scaling). Its constructor caps the threshold at
+    ``max_grad_norm=1.0`` while its README documents no cap; we default to no
+    cap (``max_norm=inf``), since a fixed cap of 1.0 makes ZClip a fixed clip
+    whenever the natural norm is above 1. The reference clips with
+    ``c / (n + 1e-6)``; we use the exact ``c / n``.
+
+    Args:
+      alpha: EMA smoothing factor, in ``[0, 1)`` (default 0.97).
+      z_thresh: z-score above which a norm is a spike (> 0; default 2.5).
+      warmup_steps: number of steps used to start the EMAs (an integer >= 1;
+        default 25). May be traced by :func:`optax.inject_hyperparams`.
+      max_norm: fixed upper bound on the threshold, also used during warm-up
+        (default ``inf``: no bound).
+      mode: ``"zscore"`` (default) or ``"percentile"``.
+      clip_option: with ``mode="zscore"``: ``"adaptive_scaling"`` (default) or
+        ``"mean"`` (clip spikes to the EMA mean).
+      clip_factor: multiplier of the adaptive-scaling threshold (> 0; the
+        reference suggests 0.3 to 0.7 for more aggressive clipping).
+      eps: added to :math:`\sigma` in the z-score (>= 0).
+      freeze_ema_on_spike: do not update the EMAs on spikes.
+      nonfinite: ``"propagate"`` (default) or ``"zero_update"``; see
+        :func:`optax_clip.clip_by_global_norm`.
+      axis_name: mapped axes over which the update is sharded (see
+        :func:`optax_clip.clip_by_global_norm`).
+
+    Returns:
+      An :class:`optax.GradientTransformation` whose state is a
+      :class:`ZClipState`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax_clip
+      >>> tx = optax_clip.zclip(warmup_steps=4)
+      >>> update, state = jax.jit(tx.update), tx.init(None)
+      >>> for norm in [1.0, 1.2, 0.8, 1.0, 1.1]:  # warm-up, then a normal step
+      ...     out, state = update(jnp.array([norm]), state)
+      >>> out, int(state.clip_stats.is_clipped)
+      (Array([1.1], dtype=float32), 0)
+      >>> out, state = update(jnp.array([50.0]), state)  # a spike
+      >>> float(state.norm_zscore) > 2.5, float(out[0]) < 2.0
+      (True, True)
+
+    References:
+      Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
+      <https://arxiv.org/abs/2504.02507>`_, 2025
+    """
+    _core.check_in_range("alpha", alpha, 0.0, 1.0)
+    _check_positive("z_thresh", z_thresh)
+    _check_count("warmup_steps", warmup_steps, minimum=1)
+    _core.check_nonnegative("max_norm", max_norm)
+    mode = _choice("mode", mode, ("zscore", "percentile"))
+    clip_option = _choice("clip_option", clip_option, ("adaptive_scaling", "mean"))
+    _check_positive("clip_factor", clip_factor)
+    _core.check_nonnegative("eps", eps)
+    if not isinstance(freeze_ema_on_spike, (bool, np.bool_)):
+        raise TypeError("freeze_ema_on_spike must be a bool.")
+    policy = _core.check_policy(nonfinite)
+    axes = _numerics.canonical_axis_name(axis_name)
+
+    def init_fn(params):
+        del params
+        zero = jnp.zeros((), _F32)
+        return ZClipState(
+            clip_stats=init_clip_stats(max_norm),
+            norm_mean=zero,
+            norm_var=zero,
+            norm_zscore=zero,
+            norms_seen=jnp.zeros((), _I32),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = _numerics.global_norm(updates, 2.0, axes)
+        finite = jnp.isfinite(norm)
+        n = jnp.where(finite, norm, 0).astype(_F32)
+        cap = _core.threshold_array(max_norm, _F32)
+        a = jnp.asarray(alpha, _F32)
+        zt = jnp.asarray(z_thresh, _F32)
+        mean, var = state.norm_mean, state.norm_var
+        warm = state.norms_seen < jnp.maximum(jnp.asarray(warmup_steps, _I32), 1)
+
+        # Decide.
+        std = jnp.sqrt(jnp.maximum(var, 0))
+        z = (n - mean) / (std + jnp.asarray(eps, _F32))
+        if mode == "zscore":
+            spike = ~warm & (z > zt)
+            level = mean + zt * (std + jnp.asarray(eps, _F32))
+            if clip_option == "adaptive_scaling":
+                z_safe = jnp.where(spike, z, 1.0)
+                target = (mean + zt * std / (z_safe / zt)) * jnp.asarray(
+                    clip_factor, _F32
+                )
+            else:
+                target = mean
+        else:
+            level = mean + zt * std
+            spike = ~warm & (n > level)
+            target = level
+        clip_to = jnp.maximum(jnp.where(spike, jnp.minimum(target, cap), cap), 0)
+        shown = jnp.where(warm, cap, jnp.minimum(level, cap))
+
+        # Apply and record.
+        applied = _core.apply_global(updates, norm, clip_to.astype(norm.dtype), policy)
+        shown = jnp.where(finite, shown, state.clip_stats.clip_threshold)
+        stats = _core.record(state.clip_stats, applied, shown)
+
+        # Next statistics: Welford during warm-up, EMAs of the clipped norm after.
+        k = (state.norms_seen + 1).astype(_F32)
+        delta = n - mean
+        w_mean = mean + delta / k
+        w_var = var + (delta * (n - w_mean) - var) / k
+        fed = jnp.where(spike, target, n)
+        e_mean = a * mean + (1 - a) * fed
+        e_var = a * var + (1 - a) * (fed - e_mean) ** 2
+        keep = ~finite
+        if freeze_ema_on_spike:
+            keep = keep | spike
+        new_mean = jnp.where(warm, w_mean, e_mean)
+        new_var = jnp.where(warm, w_var, e_var)
+        new_state = ZClipState(
+            clip_stats=stats,
+            norm_mean=jnp.where(keep, mean, new_mean).astype(_F32),
+            norm_var=jnp.where(keep, var, new_var).astype(_F32),
+            norm_zscore=jnp.where(warm | ~finite, 0.0, z).astype(_F32),
+            norms_seen=_finite_increment(state.norms_seen, finite),
+        )
+        return applied.updates, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# AdaGC
+# --------------------------------------------------------------------------
+
+
+class AdaGCState(NamedTuple):
+    """State of :func:`adagc`.
+
+    Attributes:
+      clip_stats: :class:`optax_clip.ClipStats` of the last step; the norms are
+        global, ``clip_scale`` is the smallest tensor scale, and
+        ``clip_threshold`` is ``max_norm`` during warm-up and afterwards the
+        2-norm of the per-tensor thresholds (the largest global norm the
+        output can have).
+      tensor_norm_ema: per-tensor reference norm (the EMA gamma of the clipped
+        norms), a pytree of float32 scalars shaped like the parameters.
+      adagc_steps: number of finite steps seen (int32, saturating).
+      clipped_tensors: number of tensors clipped on the last step (int32).
+    """
+
+    clip_stats: ClipStats
+    tensor_norm_ema: Any
+    adagc_steps: jax.Array
+    clipped_tensors: jax.Array
+    _stats_name = "adagc"
+    _stats_fields = ("adagc_steps", "clipped_tensors")
+
+
+def adagc(
+    max_norm: jax.typing.ArrayLike = 1.0,
+    clip_ratio: jax.typing.ArrayLike = 1.04,
+    beta: jax.typing.ArrayLike = 0.99,
+    warmup_steps: jax.typing.ArrayLike = 100,
+    *,
+    nonfinite: _core.NonFinitePolicy = "propagate",
+    axis_name: Any = None,
+) -> optax.GradientTransformation:
+    r"""Per-tensor clipping against an EMA of each tensor's clipped norm (AdaGC).
+
+    **Warm-up** (the first ``warmup_steps`` finite steps): global-norm clipping
+    to ``max_norm`` (:math:`\lambda_{abs}`), while each tensor's reference
+    :math:`\gamma_i` tracks the smallest clipped norm it has had:
+
+    .. math::
+
+      h = \min\left(1, \frac{\lambda_{abs}}{\lVert g \rVert}\right), \quad
+      \hat g_i = h\,g_i, \quad
+      \gamma_i \leftarrow \min(\gamma_i, \lVert \hat g_i \rVert)
+
+    **Afterwards**, every tensor (leaf) :math:`i` is clipped on its own:
+
+    .. math::
+
+      h_i = \min\left(1, \frac{\lambda_{rel}\,\gamma_i}{\lVert g_i \rVert}
+      \right), \quad \hat g_i = h_i\,g_i, \quad
+      \gamma_i \leftarrow \beta\,\gamma_i + (1 - \beta)\,\lVert \hat g_i \rVert
+
+    so a tensor is clipped only when its norm exceeds ``clip_ratio`` times its
+    own recent (clipped) history. With ``warmup_steps=0`` the first step sets
+    :math:`\gamma_i = \lVert g_i \rVert` (no clipping). A step with any NaN or
+    Inf is handled by the non-finite policy (during warm-up ``"propagate"``
+    makes the whole step NaN, afterwards only the bad tensors) and never
+    changes the EMAs. A tensor whose :math:`\gamma_i` reached 0 (its gradient
+    was exactly zero for long enough) is zeroed from then on, as in the
+    reference.
+
+    Defaults are those of the authors' reference implementation
+    (github.com/lishuai-97/AdaGC, Megatron patch: ``clip_ratio=1.04``,
+    ``beta=0.99``, ``start_clip_steps=100``, global clip 1.0). Third-party ports
+    use ``clip_ratio=1.05, beta=0.98``. We could not check these against the
+    experiment tables of the paper itself. The reference adds ``1e-6`` to the
+    norm in the clip factor; we use the exact ratio.
+
+    Args:
+      max_norm: :math:`\lambda_{abs}`, the global-norm threshold of the warm-up
+        (default 1.0).
+      clip_ratio: :math:`\lambda_{rel}` (> 0; default 1.04).
+      beta: EMA factor :math:`\beta`, in ``[0, 1)`` (default 0.99).
+      warmup_steps: number of warm-up steps (an integer >= 0; default 100).
+        May be traced by :func:`optax.inject_hyperparams`.
+      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+      axis_name: mapped axes over which leaves are sharded; each tensor's norm
+        is then its global norm (see :func:`optax_clip.clip_by_block_norm`).
+
+    Returns:
+      An :class:`optax.GradientTransformation` whose state is an
+      :class:`AdaGCState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_clip
+      >>> tx = optax_clip.adagc(warmup_steps=1)
+      >>> params = {"w": jnp.zeros(2), "b": jnp.zeros(1)}
+      >>> state = tx.init(params)
+      >>> g = {"w": jnp.array([0.3, 0.4]), "b": jnp.array([0.1])}
+      >>> _, state = tx.update(g, state)  # warm-up: global clip to 1.0
+      >>> g = {"w": jnp.array([3.0, 4.0]), "b": jnp.array([0.1])}  # w spikes
+      >>> out, state = tx.update(g, state)
+      >>> out["w"], out["b"]  # w clipped to 1.04 * 0.5, b untouched
+      (Array([0.312, 0.416], dtype=float32), Array([0.1], dtype=float32))
+
+    References:
+      Wang et al., `AdaGC: Enhancing LLM Pretraining Stability via Adaptive
+      Gradient Clipping <https://arxiv.org/abs/2502.11034>`_, 2025
+    """
+    _core.check_nonnegative("max_norm", max_norm)
+    _check_positive("clip_ratio", clip_ratio)
+    _core.check_in_range("beta", beta, 0.0, 1.0)
+    _check_count("warmup_steps", warmup_steps, minimum=0)
+    policy = _core.check_policy(nonfinite)
+    axes = _numerics.canonical_axis_name(axis_name)
+
+    def init_fn(params):
+        return AdaGCState(
+            clip_stats=init_clip_stats(max_norm),
+            tensor_norm_ema=jax.tree.map(lambda _: jnp.zeros((), _F32), params),
+            adagc_steps=jnp.zeros((), _I32),
+            clipped_tensors=jnp.zeros((), _I32),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        gammas, gdef = jax.tree.flatten(state.tensor_norm_ema)
+        norms = _numerics.leaf_norms(updates, 2.0, axes)
+        if len(gammas) != len(norms):
+            raise ValueError(
+                "adagc: the updates have a different tree structure from the "
+                f"parameters given to init ({len(norms)} leaves vs {len(gammas)})."
+            )
+        if not norms:
+            applied = _core.apply_per_leaf(updates, [], [], policy, 2.0)
+            stats = _core.record(
+                state.clip_stats, applied, state.clip_stats.clip_threshold
+            )
+            return updates, state._replace(clip_stats=stats)
+        norms32 = [n.astype(_F32) for n in norms]
+        gnorm = _numerics.norm_of_values(norms32, 2.0)
+        finite = jnp.isfinite(gnorm)
+        steps = state.adagc_steps
+        warm = steps < jnp.asarray(warmup_steps, _I32)
+        first = steps == 0
+        cap = _core.threshold_array(max_norm, _F32)
+        num, den, _ = _core.clip_factor(gnorm, cap)
+        h = num / den  # the warm-up global scale
+        ratio = jnp.asarray(clip_ratio, _F32)
+        b = jnp.asarray(beta, _F32)
+
+        thresholds, new_gammas, clipped = [], [], []
+        for n, g in zip(norms32, gammas, strict=True):
+            ref = jnp.where(first, n, g)  # warmup_steps=0: start from the norm
+            local = ratio * ref
+            thresholds.append(jnp.where(warm, n * h, local))
+            warm_gamma = jnp.where(first, n * h, jnp.minimum(g, n * h))
+            ema = b * ref + (1 - b) * jnp.minimum(n, local)
+            new = jnp.where(warm, warm_gamma, ema)
+            new_gammas.append(jnp.where(finite, new, g).astype(_F32))
+            clipped.append(~warm & (n > local))
+        leaf_thresholds = [
+            t.astype(n.dtype) for t, n in zip(thresholds, norms, strict=True)
+        ]
+        applied = _core.apply_per_leaf(updates, norms, leaf_thresholds, policy, 2.0)
+        shown = jnp.where(warm, cap, _numerics.norm_of_values(thresholds, 2.0))
+        shown = jnp.where(finite, shown, state.clip_stats.clip_threshold)
+        stats = _core.record(state.clip_stats, applied, shown)
+        n_clipped = jnp.sum(jnp.stack(clipped).astype(_I32))
+        new_state = AdaGCState(
+            clip_stats=stats,
+            tensor_norm_ema=jax.tree.unflatten(gdef, new_gammas),
+            adagc_steps=_finite_increment(steps, finite),
+            clipped_tensors=jnp.where(finite, n_clipped, 0).astype(_I32),
+        )
+        return applied.updates, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# AGC
+# --------------------------------------------------------------------------
+
+
+class AdaptiveGradClipState(NamedTuple):
+    """State of :func:`adaptive_grad_clip`.
+
+    Attributes:
+      clip_stats: :class:`optax_clip.ClipStats` of the last step; the norms are
+        global, ``clip_scale`` is the smallest unit scale, and
+        ``clip_threshold`` is the 2-norm of the unit thresholds (the largest
+        global norm the output can have).
+      clipped_units: number of units clipped on the last step (int32).
+    """
+
+    clip_stats: ClipStats
+    clipped_units: jax.Array
+    _stats_name = "adaptive_grad_clip"
+    _stats_fields = ("clipped_units",)
+
+
+def _unit_axes(shape: tuple[int, ...], axis: Any) -> tuple[int, ...]:
+    """Reduction axes of one unit (the NFNets / optax conventions)."""
+    ndim = len(shape)
+    if ndim == 0:
+        return ()
+    if axis is not None:
+        return tuple(a % max(ndim, 1) for a in axis)
+    if sum(d != 1 for d in shape) <= 1:  # scalars and (squeezed) vectors
+        return tuple(range(ndim))
+    if ndim in (2, 3):  # linear (in, out) and multi-head linear kernels
+        return (0,)
+    if ndim == 4:  # conv kernels HWIO
+        return (0, 1, 2)
+    if ndim == 5:  # conv3d kernels DHWIO
+        return (0, 1, 2, 3)
+    raise ValueError(
+        f"adaptive_grad_clip: no default unit for a parameter of shape {shape}; "
+        "pass axis= (the axes one unit's norm is taken over)."
+    )
+
+
+def adaptive_grad_clip(
+    clipping: jax.typing.ArrayLike,
+    eps: jax.typing.ArrayLike = 1e-3,
+    axis: int | tuple[int, ...] | None = None,
+    *,
+    nonfinite: _core.NonFinitePolicy = "propagate",
+) -> optax.GradientTransformation:
+    r"""Clips each unit's gradient relative to the unit's parameter norm (AGC).
+
+    For every unit :math:`i` (one output neuron: a column of an ``(in, out)``
+    kernel, one output channel of a conv kernel, a whole bias vector):
+
+    .. math::
+
+      G_i \leftarrow G_i \cdot \min\left(1,
+      \frac{\lambda \max(\lVert W_i \rVert, \epsilon)}{\lVert G_i \rVert}\right)
+
+    Units follow the NFNets and :func:`optax.adaptive_grad_clip` conventions:
+    scalars and vectors (also ``(1, n)``-shaped) form one unit; 2-D and 3-D
+    arrays reduce over axis 0; 4-D (HWIO) over ``(0, 1, 2)``; 5-D (DHWIO) over
+    ``(0, 1, 2, 3)``. Other ranks need ``axis``. The paper does not clip the
+    final classifier layer: exclude it with :func:`optax.masked`.
+
+    Differences from :func:`optax.adaptive_grad_clip`:
+
+    * unit norms are accumulated in float32 and never overflow: a gradient of
+      1e20 (or 300 in fp16) is scaled down in its direction, where optax's
+      norm is ``inf`` and the unit becomes zero; the unit norms of bf16
+      gradients are not rounded to bf16;
+    * below the threshold the update is returned exactly, and the gradient of
+      the output with respect to the input is finite at zero;
+    * the non-finite policy (``"propagate"``: a unit holding a NaN/Inf becomes
+      NaN, the others are clipped normally; ``"zero_update"``: the whole step
+      becomes zeros) and the statistics in the state;
+    * a clear ``ValueError`` when ``params`` is missing or is not shaped like
+      the updates.
+
+    Under ``pmap``/``shard_map`` the unit norms are those of the local shard;
+    use ``jit`` with sharded arrays for global ones.
+
+    Args:
+      clipping: :math:`\lambda`, the largest ratio of unit gradient norm to
+        unit parameter norm (>= 0; the NFNets default is 0.01 at batch size
+        4096; larger batches need smaller values).
+      eps: :math:`\epsilon`, the smallest parameter norm used, so that
+        zero-initialised parameters can move (>= 0; default 1e-3).
+      axis: axis or axes one unit's norm is taken over, for every leaf (a
+        static argument; default: the conventions above).
+      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+
+    Returns:
+      An :class:`optax.GradientTransformation` whose state is an
+      :class:`AdaptiveGradClipState`. Its ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_clip
+      >>> tx = optax_clip.adaptive_grad_clip(0.5)
+      >>> params = {"w": jnp.array([[3.0, 0.0], [4.0, 1.0]])}  # unit norms 5, 1
+      >>> grads = {"w": jnp.array([[1.0, 1.0], [0.0, 0.0]])}
+      >>> out, state = tx.update(grads, tx.init(params), params)
+      >>> out["w"]  # column 0 may reach 2.5 (untouched), column 1 only 0.5
+      Array([[1. , 0.5],
+             [0. , 0. ]], dtype=float32)
+      >>> int(state.clipped_units)
+      1
+
+    References:
+      Brock et al., `High-Performance Large-Scale Image Recognition Without
+      Normalization <https://arxiv.org/abs/2102.06171>`_, 2021
+    """
+    _core.check_nonnegative("clipping", clipping)
+    _core.check_nonnegative("eps", eps)
+    if axis is not None:
+        if _core.is_traced(axis):
+            raise TypeError(
+                "axis must be static; with optax.inject_hyperparams pass "
+                "static_args=('axis',)."
+            )
+        axis = (axis,) if not isinstance(axis, (tuple, list)) else tuple(axis)
+        if not all(isinstance(a, int) and not isinstance(a, bool) for a in axis):
+            raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}.")
+    policy = _core.check_policy(nonfinite)
+
+    def init_fn(params):
+        del params
+        return AdaptiveGradClipState(init_clip_stats(math.inf), jnp.zeros((), _I32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(
+                "adaptive_grad_clip needs the parameters: call "
+                "tx.update(updates, state, params)."
+            )
+        g_leaves, g_def = jax.tree.flatten(updates)
+        p_leaves, p_def = jax.tree.flatten(params)
+        if g_def != p_def:
+            raise ValueError(
+                "adaptive_grad_clip: params must have the same tree structure as "
+                f"the updates; got updates {g_def} and params {p_def}."
+            )
+        for g, p in zip(g_leaves, p_leaves, strict=True):
+            if jnp.shape(g) != jnp.shape(p):
+                raise ValueError(
+                    "adaptive_grad_clip: each parameter must have the shape of its "
+                    f"update; got {jnp.shape(p)} for an update of {jnp.shape(g)}."
+                )
+        if not g_leaves:
+            zero = jnp.zeros((), _F32)
+            applied = _core.Applied(updates, zero, zero, zero + 1, zero > 0, zero > 0)
+            return updates, AdaptiveGradClipState(
+                _core.record(state.clip_stats, applied, zero), jnp.zeros((), _I32)
+            )
+        unit_axes = [_unit_axes(jnp.shape(g), axis) for g in g_leaves]
+        norms = _numerics.unitwise_norms(g_leaves + p_leaves, unit_axes * 2)
+        g_norms, p_norms = norms[: len(g_leaves)], norms[len(g_leaves) :]
+        units = []
+        for g, gn, pn in zip(g_leaves, g_norms, p_norms, strict=True):
+            pn = pn.astype(gn.dtype)
+            floor = jnp.maximum(pn, jnp.asarray(eps, gn.dtype))
+            thr = jnp.maximum(jnp.asarray(clipping, gn.dtype) * floor, 0)
+            bad = ~jnp.isfinite(gn) | ~jnp.isfinite(thr)
+            units.append((g, gn, thr, bad))
+        any_bad = jnp.any(jnp.stack([jnp.any(u[3]) for u in units]))
+        out, pre, post, limits, scales, n_clipped = [], [], [], [], [], []
+        for g, gn, thr, bad in units:
+            num, den, clipped = _core.clip_factor(gn, thr)
+            scale = _core.make_scale(num, den)
+            if policy == "zero_update":
+                zero = jnp.broadcast_to(any_bad, gn.shape)
+                fill = 0.0
+            else:
+                zero, fill = bad, jnp.nan
+            value = jnp.where(zero, fill, scale.value)
+            scale = _core.Scale(value, jnp.where(zero, fill, scale.hi), scale.lo)
+            y = _core.scale_leaf(g, scale)
+            if policy == "zero_update":
+                y = jnp.where(zero, jnp.zeros_like(y), y)
+            out.append(y)
+            pre.append(jnp.ravel(gn).astype(_F32))
+            post.append(jnp.ravel(jnp.where(zero, value, gn * value)).astype(_F32))
+            limits.append(jnp.ravel(thr).astype(_F32))
+            # -max(-x): a NaN scale survives the cross-device reduction.
+            scales.append(-_numerics._nan_max(-value).astype(_F32))
+            n_clipped.append(jnp.sum((clipped & ~bad).astype(_I32)))
+        total_clipped = sum(n_clipped)
+        # Global pre-clip, post-clip and threshold norms from the unit norms,
+        # the three in one overflow-safe pass.
+        rows = jnp.stack([jnp.concatenate(v) for v in (pre, post, limits)])
+        pre_norm, post_norm, shown = _numerics.unitwise_norms([rows], [(1,)])[0][:, 0]
+        applied = _core.Applied(
+            jax.tree.unflatten(g_def, out),
+            pre_norm,
+            post_norm,
+            jnp.min(jnp.stack(scales)),
+            total_clipped > 0,
+            any_bad,
+        )
+        stats = _core.record(state.clip_stats, applied, shown)
+        return applied.updates, AdaptiveGradClipState(stats, total_clipped)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# Choosing a fixed threshold
+# --------------------------------------------------------------------------
+
+
+class MaxNormSuggestion(NamedTuple):
+    """What :func:`suggest_max_norm` recommends, and how it got there.
+
+    Attributes:
+      max_norm: the recommended threshold for
+        :func:`optax_clip.clip_by_global_norm`.
+      percentile: the percentile of the used norms it is.
+      num_used: number of norms the percentile was taken over.
+      num_discarded: number of leading norms left out (early transient).
+      num_nonfinite: number of NaN/Inf norms left out.
+      median: median of the used norms.
+      clip_fraction: fraction of the used norms above ``max_norm`` (the share
+        of those steps it would have clipped).
+      explanation: a one-line, human-readable account of the above.
+    """
+
+    max_norm: float
+    percentile: float
+    num_used: int
+    num_discarded: int
+    num_nonfinite: int
+    median: float
+    clip_fraction: float
+    explanation: str
+
+
+def suggest_max_norm(
+    norms: Any, percentile: float = 90.0, *, discard_first: float = 0.1
+) -> MaxNormSuggestion:
+    """Recommends a fixed ``max_norm`` from recorded pre-clip gradient norms.
+
+    The recipe: train a few hundred steps without clipping (or with
+    :func:`optax_clip.clip_by_global_norm` at ``inf``, which records the
+    norms), collect ``get_stats(state)["clip_by_global_norm/pre_clip_norm"]``
+    every step, then call this. It drops the first ``discard_first`` fraction
+    of the steps (the large norms right after initialisation are not
+    representative) and every NaN/Inf, and returns the ``percentile``-th
+    percentile (linear interpolation) of the rest: with the default 90, the
+    threshold leaves the typical step untouched and clips about one step in
+    ten of the recorded regime, and all the large spikes. Use a lower
+    percentile (AutoClip's paper found 10 good for its audio models) to clip
+    harder. This runs on the host (NumPy, float64); it is not a transform.
+
+    Args:
+      norms: a sequence or array of recorded norms (one per step, in order).
+      percentile: in ``[0, 100]`` (default 90).
+      discard_first: fraction of the leading steps to leave out, in ``[0, 1)``
+        (default 0.1).
+
+    Returns:
+      A :class:`MaxNormSuggestion`; its ``max_norm`` is the threshold and its
+      ``explanation`` says how it was chosen.
+
+    Raises:
+      ValueError: for an out-of-range argument, or when no finite norm is left.
+
+    Example:
+      >>> import numpy as np, optax_clip
+      >>> norms = [50.0] + [1.0 + 0.01 * i for i in range(100)]
+      >>> s = optax_clip.suggest_max_norm(norms, percentile=90.0)
+      >>> round(s.max_norm, 3), s.num_used, s.num_discarded
+      (1.9, 91, 10)
+
+    References:
+      Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
+      Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020 (the
+      percentile rule)
+    """
+    if not 0.0 <= float(percentile) <= 100.0:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile}.")
+    if not 0.0 <= float(discard_first) < 1.0:
+        raise ValueError(f"discard_first must be in [0, 1), got {discard_first}.")
+    values = np.asarray(jax.device_get(norms), np.float64).ravel()
+    if values.size == 0:
+        raise ValueError("suggest_max_norm needs at least one recorded norm.")
+    skip = int(math.floor(discard_first * values.size))
+    kept = values[skip:]
+    finite = kept[np.isfinite(kept)]
+    if finite.size == 0:
+        raise ValueError(
+            "suggest_max_norm: every recorded norm (after the discarded ones) is "
+            "NaN or Inf."
+        )
+    max_norm = float(np.percentile(finite, percentile))
+    median = float(np.median(finite))
+    frac = float(np.mean(finite > max_norm))
+    nonfinite = int(kept.size - finite.size)
+    explanation = (
+        f"max_norm={max_norm:.4g}: the {percentile:g}th percentile of "
+        f"{finite.size} finite pre-clip norms (steps {skip}..{values.size - 1} "
+        f"of {values.size}; first {skip} discarded, {nonfinite} non-finite "
+        f"dropped); median {median:.4g}, max {float(np.max(finite)):.4g}; it "
+        f"would have clipped {100 * frac:.1f}% of those steps."
+    )
+    return MaxNormSuggestion(
+        max_norm=max_norm,
+        percentile=float(percentile),
+        num_used=int(finite.size),
+        num_discarded=skip,
+        num_nonfinite=nonfinite,
+        median=median,
+        clip_fraction=frac,
+        explanation=explanation,
+    )

@@ -1,0 +1,392 @@
+"""Training-step guards: wrappers that skip a bad step and keep the inner state.
+
+:func:`skip_nonfinite` skips every step whose gradients hold a NaN or Inf;
+:func:`skip_on_spike` also skips steps whose gradient norm (or loss) is an
+outlier of its recent history. A skipped step returns zero updates and leaves
+the wrapped optimizer's state exactly as it was (``jax.lax.cond``: the inner
+update does not even run), so the run continues as if the step had never
+happened. Both are jit-safe, run inside ``jax.lax.scan`` and keep their
+counters in fixed-shape state, visible through :func:`optax_clip.get_stats`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_clip import _core, _numerics
+from optax_clip._adaptive import _static_int
+from optax_clip._stats import ClipStats, init_clip_stats, update_clip_stats
+
+_F32 = jnp.float32
+_I32 = jnp.int32
+
+
+def _saturating_inc(count: jax.Array, flag: jax.Array) -> jax.Array:
+    return jnp.where(flag, optax.safe_increment(count), count)
+
+
+def _guarded_update(inner, skip, updates, inner_state, params, extra_args):
+    """``inner.update`` unless ``skip``; then zeros and the untouched state."""
+
+    def run():
+        return inner.update(updates, inner_state, params, **extra_args)
+
+    def skipped():
+        shapes = jax.eval_shape(run)[0]
+        zeros = jax.tree.map(jnp.zeros_like, shapes)  # keeps sharding and vma
+        return zeros, inner_state
+
+    return jax.lax.cond(skip, skipped, run)
+
+
+def _loss_scalar(loss: Any) -> jax.Array:
+    loss = jnp.asarray(loss)
+    if loss.shape != ():
+        raise ValueError(f"loss must be a scalar, got an array of shape {loss.shape}.")
+    return loss.astype(_F32)
+
+
+def _gate_stats(stats, norm, skip, nonfinite, threshold):
+    """The wrapper's own ClipStats: a gate of scale 0 (skipped) or 1."""
+    n = norm.astype(_F32)
+    return update_clip_stats(
+        stats,
+        pre_norm=n,
+        post_norm=jnp.where(skip, 0.0, n),
+        scale=jnp.where(skip, 0.0, 1.0),
+        threshold=threshold,
+        clipped=skip & ~nonfinite,
+        nonfinite=nonfinite,
+    )
+
+
+class SkipNonfiniteState(NamedTuple):
+    """State of :func:`skip_nonfinite`.
+
+    Attributes:
+      guarded_state: the wrapped optimizer's state.
+      clip_stats: :class:`optax_clip.ClipStats` of the gate: ``pre_clip_norm``
+        is the gradient's global norm, ``clip_scale`` is 0 on a skipped step
+        and 1 otherwise, ``num_nonfinite`` counts the skipped steps.
+      skipped_steps: total number of skipped steps (int32, saturating).
+      skip_streak: number of consecutive skipped steps up to the last one
+        (int32; 0 after a step that was applied).
+    """
+
+    guarded_state: Any
+    clip_stats: ClipStats
+    skipped_steps: jax.Array
+    skip_streak: jax.Array
+    _stats_name = "skip_nonfinite"
+    _stats_fields = ("skipped_steps", "skip_streak")
+
+
+def skip_nonfinite(
+    inner: optax.GradientTransformation, *, axis_name: Any = None
+) -> optax.GradientTransformationExtraArgs:
+    r"""Skips every step whose gradients hold a NaN or Inf, keeping ``inner``'s state.
+
+    .. math::
+
+      (u_t, s_t) = \begin{cases}
+        (0, s_{t-1}) & \text{if } g_t \text{ (or the loss) has a NaN or Inf} \\
+        \text{inner.update}(g_t, s_{t-1}) & \text{otherwise}
+      \end{cases}
+
+    Unlike :func:`optax.apply_if_finite`, this never gives up: however many
+    bad steps in a row, the NaN never reaches the inner state (``apply_if_finite``
+    passes it on after ``max_consecutive_errors`` and every later Adam update
+    is NaN). Watch ``skip_streak`` in :func:`optax_clip.get_stats` to stop a
+    run that only produces bad steps. If a ``loss`` keyword argument is passed
+    to ``update``, a non-finite loss skips the step too. Every extra keyword
+    argument is forwarded to ``inner``.
+
+    Args:
+      inner: the optimizer (or chain) to guard.
+      axis_name: mapped axes over which the update is sharded (``pmap``,
+        ``shard_map``), so that all devices skip the same steps.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` whose state is a
+      :class:`SkipNonfiniteState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optax_clip
+      >>> tx = optax_clip.skip_nonfinite(optax.adam(0.1))
+      >>> params = jnp.array([1.0, 2.0])
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(jnp.array([jnp.nan, 1.0]), state, params)
+      >>> updates, int(state.skipped_steps)
+      (Array([0., 0.], dtype=float32), 1)
+      >>> updates, state = tx.update(jnp.array([1.0, 1.0]), state, params)
+      >>> updates  # Adam's first step, as if the NaN step never happened
+      Array([-0.1, -0.1], dtype=float32)
+
+    References:
+      Lingvo/praxis ``check_valid_step`` and t5x ``skip_nan_updates`` (the
+      practice); optax's :func:`optax.apply_if_finite` (what this replaces).
+    """
+    inner = optax.with_extra_args_support(inner)
+    axes = _numerics.canonical_axis_name(axis_name)
+
+    def init_fn(params):
+        return SkipNonfiniteState(
+            guarded_state=inner.init(params),
+            clip_stats=init_clip_stats(jnp.inf),
+            skipped_steps=jnp.zeros((), _I32),
+            skip_streak=jnp.zeros((), _I32),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        norm = _numerics.global_norm(updates, 2.0, axes)
+        bad = ~jnp.isfinite(norm)
+        loss = extra_args.get("loss")
+        if loss is not None:
+            bad = bad | ~jnp.isfinite(_loss_scalar(loss))
+        out, inner_state = _guarded_update(
+            inner, bad, updates, state.guarded_state, params, extra_args
+        )
+        stats = _gate_stats(state.clip_stats, norm, bad, bad, jnp.inf)
+        new_state = SkipNonfiniteState(
+            guarded_state=inner_state,
+            clip_stats=stats,
+            skipped_steps=_saturating_inc(state.skipped_steps, bad),
+            skip_streak=jnp.where(
+                bad, optax.safe_increment(state.skip_streak), 0
+            ).astype(_I32),
+        )
+        return out, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class SkipOnSpikeState(NamedTuple):
+    """State of :func:`skip_on_spike`.
+
+    Attributes:
+      guarded_state: the wrapped optimizer's state.
+      clip_stats: :class:`optax_clip.ClipStats` of the gate: ``pre_clip_norm``
+        is the gradient's global norm, ``clip_threshold`` the norm above which
+        a step is skipped (``inf`` until enough history), ``clip_scale`` is 0
+        on a skipped step and 1 otherwise, ``num_clipped`` counts the steps
+        skipped as spikes and ``num_nonfinite`` those skipped for a NaN/Inf.
+      norm_window: ring buffer (float32, length ``window``) of recent finite
+        gradient norms.
+      norm_window_pos: slot the next norm is written to (int32).
+      norm_window_len: number of norms in the window (int32).
+      loss_window: ring buffer of recent finite losses (when ``loss`` is
+        passed to ``update``).
+      loss_window_pos: slot the next loss is written to (int32).
+      loss_window_len: number of losses in the window (int32).
+      grad_zscore: z-score of the last step's gradient norm (0 until active).
+      loss_zscore: z-score of the last step's loss (0 until active or without
+        a loss).
+      skipped_steps: total number of skipped steps (int32, saturating).
+      skip_streak: number of consecutive skipped steps up to the last one.
+    """
+
+    guarded_state: Any
+    clip_stats: ClipStats
+    norm_window: jax.Array
+    norm_window_pos: jax.Array
+    norm_window_len: jax.Array
+    loss_window: jax.Array
+    loss_window_pos: jax.Array
+    loss_window_len: jax.Array
+    grad_zscore: jax.Array
+    loss_zscore: jax.Array
+    skipped_steps: jax.Array
+    skip_streak: jax.Array
+    _stats_name = "skip_on_spike"
+    _stats_fields = ("grad_zscore", "loss_zscore", "skipped_steps", "skip_streak")
+
+
+class _Outlier(NamedTuple):
+    spike: jax.Array
+    zscore: jax.Array
+    level: jax.Array
+    window: jax.Array
+    pos: jax.Array
+    length: jax.Array
+
+
+def _outlier(x, finite, window, pos, length, size, sigma, min_history):
+    """One-sided test of ``x`` against its window, and the window with ``x``."""
+    valid = jnp.arange(size) < length
+    k = jnp.maximum(length, 1).astype(_F32)
+    mean = jnp.sum(jnp.where(valid, window, 0.0)) / k
+    dev = jnp.where(valid, window - mean, 0.0)
+    var = jnp.sum(dev * dev) / jnp.maximum(k - 1.0, 1.0)  # Bessel-corrected
+    std = jnp.sqrt(var)
+    active = (length >= min_history) & (length >= 2)
+    excess = x - mean
+    spike = active & finite & (excess > sigma * std)
+    safe_std = jnp.where(std > 0, std, 1.0)
+    z = jnp.where(std > 0, excess / safe_std, jnp.where(excess > 0, jnp.inf, 0.0))
+    zscore = jnp.where(active & finite, z, 0.0)
+    level = jnp.where(active, mean + sigma * std, jnp.inf)
+    new_window = jnp.where(finite, window.at[pos].set(x), window)
+    new_pos = jnp.where(finite, (pos + 1) % size, pos).astype(_I32)
+    new_len = jnp.where(finite, jnp.minimum(length + 1, size), length).astype(_I32)
+    return _Outlier(spike, zscore, level, new_window, new_pos, new_len)
+
+
+def skip_on_spike(
+    inner: optax.GradientTransformation,
+    window: int = 128,
+    sigma: jax.typing.ArrayLike = 6.0,
+    *,
+    min_history: jax.typing.ArrayLike | None = None,
+    axis_name: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Skips steps whose gradient norm (or loss) spikes, keeping ``inner``'s state.
+
+    With :math:`\mu, s` the mean and (Bessel-corrected) standard deviation of
+    the last ``window`` finite gradient norms, a step is skipped when
+
+    .. math::
+
+      \lVert g_t \rVert - \mu > \sigma \, s
+
+    (one-sided: an unusually *small* gradient is fine), and likewise for the
+    loss when it is passed as ``update(..., loss=loss)`` (keyword-only and
+    optional: Flax Linen's ``TrainState.apply_gradients`` cannot pass it). A
+    step whose gradients or loss hold a NaN or Inf is always skipped. A
+    skipped step returns zero updates and leaves the inner state exactly as it
+    was (the inner update does not run), so training continues as if the step
+    had not happened. The test is inactive until the window holds
+    ``min_history`` values. Every finite value enters its window, also on
+    skipped steps (as in OLMo-core and MaxText), so a lasting change of scale
+    is accepted after a while instead of skipping forever. Extra keyword
+    arguments (``loss`` included) are forwarded to ``inner``.
+
+    Defaults follow OLMo-core's ``SkipStepOptimizer`` and levanter's
+    ``SkipStepConfig`` (window 128, 6 sigma); the one-sided test with
+    Bessel-corrected deviation and the ``window // 2`` activation follow
+    MaxText's ``skip_step_on_spikes``.
+
+    Args:
+      inner: the optimizer (or chain) to guard.
+      window: number of recent values the mean and deviation are taken over
+        (an integer >= 2; fixes the state's shape: with
+        :func:`optax.inject_hyperparams`, list it in ``static_args``).
+      sigma: how many standard deviations above the mean is a spike (>= 0;
+        default 6).
+      min_history: values needed before the test is active (default
+        ``max(2, window // 2)``; at most ``window``).
+      axis_name: mapped axes over which the update is sharded, so that all
+        devices skip the same steps.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` whose state is a
+      :class:`SkipOnSpikeState`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, optax_clip
+      >>> tx = optax_clip.skip_on_spike(optax.sgd(0.1), window=8, sigma=3.0)
+      >>> params = jnp.zeros(2)
+      >>> update, state = jax.jit(tx.update), tx.init(params)
+      >>> for scale in [1.0, 1.1, 0.9, 1.0, 1.05]:
+      ...     _, state = update(scale * jnp.ones(2), state, params)
+      >>> updates, state = update(100 * jnp.ones(2), state, params)
+      >>> updates, int(state.skipped_steps)
+      (Array([0., 0.], dtype=float32), 1)
+      >>> updates, state = tx.update(jnp.ones(2), state, params, loss=0.5)
+      >>> updates
+      Array([-0.1, -0.1], dtype=float32)
+
+    References:
+      Chowdhery et al., `PaLM: Scaling Language Modeling with Pathways
+      <https://arxiv.org/abs/2204.02311>`_, 2022, Sec. 5.1 (skipping batches
+      around loss spikes); OLMo-core ``SkipStepOptimizer``
+      (github.com/allenai/OLMo-core); MaxText ``skip_step_on_spikes``.
+    """
+    inner = optax.with_extra_args_support(inner)
+    size = _static_int("window", window, minimum=2)
+    _core.check_nonnegative("sigma", sigma)
+    if min_history is None:
+        min_history = max(2, size // 2)
+    elif not _core.is_traced(min_history):
+        x = _core.check_real("min_history", min_history, allow_inf=False)
+        if x is not None and not 2 <= x <= size:
+            raise ValueError(
+                f"min_history must be in [2, window={size}], got {min_history}."
+            )
+    axes = _numerics.canonical_axis_name(axis_name)
+
+    def init_fn(params):
+        zero_f, zero_i = jnp.zeros((), _F32), jnp.zeros((), _I32)
+        return SkipOnSpikeState(
+            guarded_state=inner.init(params),
+            clip_stats=init_clip_stats(jnp.inf),
+            norm_window=jnp.zeros((size,), _F32),
+            norm_window_pos=zero_i,
+            norm_window_len=zero_i,
+            loss_window=jnp.zeros((size,), _F32),
+            loss_window_pos=zero_i,
+            loss_window_len=zero_i,
+            grad_zscore=zero_f,
+            loss_zscore=zero_f,
+            skipped_steps=zero_i,
+            skip_streak=zero_i,
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        s = jnp.asarray(sigma, _F32)
+        need = jnp.asarray(min_history, _I32)
+        norm = _numerics.global_norm(updates, 2.0, axes)
+        finite = jnp.isfinite(norm)
+        n = jnp.where(finite, norm, 0.0).astype(_F32)
+        g = _outlier(
+            n,
+            finite,
+            state.norm_window,
+            state.norm_window_pos,
+            state.norm_window_len,
+            size,
+            s,
+            need,
+        )
+        nonfinite = ~finite
+        skip = g.spike
+        loss = extra_args.get("loss")
+        loss_window = (state.loss_window, state.loss_window_pos, state.loss_window_len)
+        loss_z = jnp.zeros((), _F32)
+        if loss is not None:
+            value = _loss_scalar(loss)
+            loss_ok = jnp.isfinite(value)
+            lv = _outlier(
+                jnp.where(loss_ok, value, 0.0), loss_ok, *loss_window, size, s, need
+            )
+            nonfinite = nonfinite | ~loss_ok
+            skip = skip | lv.spike
+            loss_window = (lv.window, lv.pos, lv.length)
+            loss_z = lv.zscore
+        skip = skip | nonfinite
+        out, inner_state = _guarded_update(
+            inner, skip, updates, state.guarded_state, params, extra_args
+        )
+        stats = _gate_stats(state.clip_stats, norm, skip, nonfinite, g.level)
+        new_state = SkipOnSpikeState(
+            guarded_state=inner_state,
+            clip_stats=stats,
+            norm_window=g.window,
+            norm_window_pos=g.pos,
+            norm_window_len=g.length,
+            loss_window=loss_window[0],
+            loss_window_pos=loss_window[1],
+            loss_window_len=loss_window[2],
+            grad_zscore=g.zscore.astype(_F32),
+            loss_zscore=loss_z.astype(_F32),
+            skipped_steps=_saturating_inc(state.skipped_steps, skip),
+            skip_streak=jnp.where(
+                skip, optax.safe_increment(state.skip_streak), 0
+            ).astype(_I32),
+        )
+        return out, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
