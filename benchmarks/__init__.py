@@ -1,0 +1,1 @@
+"""Benchmarks of optax_clip against optax and PyTorch: ``python -m benchmarks.run``."""

@@ -1,0 +1,35 @@
+"""The benchmark harness runs end to end (tiny sizes; no timing is asserted)."""
+
+import math
+
+from benchmarks import run
+
+
+def test_tiny_run_writes_a_complete_report(tmp_path):
+    out = tmp_path / "results.md"
+    res = run.main(["--tiny", "--out", str(out)])
+    results = res["results"]
+    text = out.read_text()
+    for title in ["## Machine", "## Summary", "## a.", "## b, c.", "## d.", "## e."]:
+        assert title in text
+    assert "python -m benchmarks.run --tiny" in text
+    (a,) = results["a"]
+    assert a["adamw_ms"] > 0 and math.isfinite(a["optax_clip_ratio"])
+    (bc,) = results["bc"]
+    assert bc["floor_ms"] > 0 and math.isfinite(bc["optax_ratio"])
+    assert ("torch_ratio" in bc) == (run.torch_version() is not None)
+    # Compile times come from worker processes, ours and optax's.
+    done = [r for r in results["d"] if "compile_s" in r]
+    assert {(r["impl"], r["what"]) for r in done} == {
+        (i, w) for i in ("optax_clip", "optax") for w in ("clip", "chain")
+    }
+    names = {r["transform"] for r in results["e"]}
+    assert "clip_by_global_norm" in names and len(names) >= 2
+
+
+def test_sizes_and_shapes():
+    assert run._parse_size("10M:256") == (10_000_000, 256)
+    assert run._parse_size("2.5K:4") == (2500, 4)
+    shapes = run.leaf_shapes(10_000_000, 256)
+    assert len(shapes) == 256 and shapes[0][1] == 128
+    assert run.leaf_shapes(100, 4) == [(25,)] * 4
