@@ -2,9 +2,10 @@
 
 Run from the repository root::
 
-  python -m benchmarks.run --quick   # 10M parameters, a few minutes
+  python -m benchmarks.run --quick   # 10M parameters, optax compile up to 1000
+                                     # leaves (about half an hour on 2 cores)
   python -m benchmarks.run --full    # 10M and 100M parameters, optax compile at
-                                     # 3000 leaves (about an hour on 2 busy cores)
+                                     # 3000 leaves (about 90 minutes on 2 cores)
   python -m benchmarks.run --tiny    # seconds; what tests/test_benchmarks.py runs
 
 Sections (``--sections abcde`` picks some):
