@@ -187,14 +187,6 @@ def _max_nonneg_jvp(primals, tangents):
     return _max_nonneg(a), jax.jvp(jnp.max, (a,), (t,))[1]
 
 
-def _max_magnitude(x: jax.Array) -> jax.Array:
-    """``max |x|`` in the accumulation dtype; 0 for an empty leaf, NaN if any NaN."""
-    mag = _magnitude(x)
-    if mag.size == 0:
-        return jnp.zeros((), mag.dtype)
-    return _nan_max(mag)
-
-
 def safe_root(s: jax.Array, p: float) -> jax.Array:
     """``s**(1/p)`` for ``s >= 0`` with a finite gradient at ``s == 0``."""
     if p == 1.0:
@@ -551,22 +543,6 @@ def _cast_factors(factors: tuple, units) -> dict:
     return out
 
 
-def _branch_max(x: Any) -> jax.Array:
-    """``max |x|`` (0 if empty) for a rescaling branch (see :func:`_summand`)."""
-    x = jnp.asarray(x)
-    if x.size == 0:
-        return jnp.zeros((), accumulation_dtype(x.dtype))
-    return _max_nonneg(_summand(x, 1.0, branch=True))
-
-
-def _branch_power_sum(x: Any, p: float, f1: jax.Array, f2: jax.Array) -> jax.Array:
-    """``sum |x * f1 * f2|**p`` for a rescaling branch (see :func:`_summand`)."""
-    x = jnp.asarray(x)
-    acc = accumulation_dtype(x.dtype)
-    factors = {acc: (f1.astype(acc), f2.astype(acc))}
-    return jnp.sum(_summand(x, p, factors, branch=True))
-
-
 def _unit_power_sum(
     xs: Sequence[jax.Array],
     p: float,
@@ -582,7 +558,9 @@ def _unit_power_sum(
 
 
 def _unit_max(xs: Sequence[jax.Array], *, branch: bool = False) -> jax.Array:
-    """``max_i max |x_i|`` over a unit (NaN if any NaN), one reduction."""
+    """``max_i max |x_i|`` over a unit (NaN if any NaN; 0 if empty), one reduction."""
+    if xs[0].size == 0:  # only leaf_norms passes empty leaves (units are never empty)
+        return jnp.zeros((), accumulation_dtype(xs[0].dtype))
     top = _summand(xs[0], 1.0, branch=branch)
     for x in xs[1:]:
         top = lax.max(top, _summand(x, 1.0, branch=branch))
@@ -670,16 +648,16 @@ def leaf_norms(
     rescaled pass runs (once, for all leaves) only when some leaf's plain sum
     is outside the normal range, e.g. it overflowed or the leaf is all zeros.
     """
-    leaves = jax.tree.leaves(tree)
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
     if not leaves:
         return []
     leaf_axes = _leaf_axes(leaves, axis_name)
     if norm_type == INF:
-        return _reduce_each([_max_magnitude(x) for x in leaves], leaf_axes, "max")
+        return _reduce_each([_unit_max([x]) for x in leaves], leaf_axes, "max")
 
     p = norm_type
     dtype = tree_accumulation_dtype(leaves)
-    sums = _reduce_each([_power_sum(x, p) for x in leaves], leaf_axes, "sum")
+    sums = _reduce_each([_unit_power_sum([x], p) for x in leaves], leaf_axes, "sum")
     # From here on, work on one vector of per-leaf values (few ops, not per leaf).
     s_vec = jnp.stack([s.astype(dtype) for s in sums])
     ok = _in_normal_range(s_vec)
@@ -688,15 +666,19 @@ def leaf_norms(
         return safe_root(s_vec, p)
 
     def rescaled(s_vec):
-        ms = _reduce_each([_branch_max(x) for x in leaves], leaf_axes, "max")
+        maxes = [_unit_max([x], branch=True) for x in leaves]
+        ms = _reduce_each(maxes, leaf_axes, "max")
         m_vec = jnp.stack([m.astype(dtype) for m in ms])
         e_vec = _exponent(m_vec)
         f1, f2 = materialize(_pow2_factors(e_vec, dtype))
-        scaled = _reduce_each(
-            [_branch_power_sum(x, p, f1[i], f2[i]) for i, x in enumerate(leaves)],
-            leaf_axes,
-            "sum",
-        )
+        factors = [
+            _cast_factors((f1[i], f2[i]), [([x], ())]) for i, x in enumerate(leaves)
+        ]
+        sums = [
+            _unit_power_sum([x], p, f, branch=True)
+            for x, f in zip(leaves, factors, strict=True)
+        ]
+        scaled = _reduce_each(sums, leaf_axes, "sum")
         t_vec = jnp.stack([t.astype(dtype) for t in scaled])
         slow = _scaled_root(m_vec, e_vec, t_vec, p)
         return jnp.where(ok, safe_root(s_vec, p), slow)
