@@ -50,6 +50,16 @@ def _loss_scalar(loss: Any) -> jax.Array:
     return loss.astype(_F32)
 
 
+def _skip_counts(state, skip) -> dict[str, jax.Array]:
+    """The guards' ``skipped_steps`` and ``skip_streak`` after a step."""
+    return {
+        "skipped_steps": _saturating_inc(state.skipped_steps, skip),
+        "skip_streak": jnp.where(
+            skip, optax.safe_increment(state.skip_streak), 0
+        ).astype(_I32),
+    }
+
+
 def _gate_stats(stats, norm, skip, nonfinite, threshold):
     """The wrapper's own ClipStats: a gate of scale 0 (skipped) or 1."""
     n = norm.astype(_F32)
@@ -154,10 +164,7 @@ def skip_nonfinite(
         new_state = SkipNonfiniteState(
             guarded_state=inner_state,
             clip_stats=stats,
-            skipped_steps=_saturating_inc(state.skipped_steps, bad),
-            skip_streak=jnp.where(
-                bad, optax.safe_increment(state.skip_streak), 0
-            ).astype(_I32),
+            **_skip_counts(state, bad),
         )
         return out, new_state
 
@@ -382,10 +389,7 @@ def skip_on_spike(
             loss_window_len=loss_window[2],
             grad_zscore=g.zscore.astype(_F32),
             loss_zscore=loss_z.astype(_F32),
-            skipped_steps=_saturating_inc(state.skipped_steps, skip),
-            skip_streak=jnp.where(
-                skip, optax.safe_increment(state.skip_streak), 0
-            ).astype(_I32),
+            **_skip_counts(state, skip),
         )
         return out, new_state
 
