@@ -7,9 +7,7 @@ re-implementations of the published algorithms written below.
 """
 
 import collections
-import importlib.util
 import math
-from pathlib import Path
 
 import chex
 import jax
@@ -17,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from example_loader import load_example
 
 import optax_clip as oc
 
 RTOL = 1e-5
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def norm_sequence(steps, seed, spikes_every=37):
@@ -518,17 +516,8 @@ def test_suggest_max_norm():
         oc.suggest_max_norm([np.nan, np.inf])
 
 
-def _load_example(name):
-    spec = importlib.util.spec_from_file_location(
-        name, ROOT / "examples" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_choose_threshold_example(capsys):
-    example = _load_example("choose_threshold")
+    example = load_example("choose_threshold")
     result = example.main(steps=120)
     printed = capsys.readouterr().out
     assert "max_norm=" in printed

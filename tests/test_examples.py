@@ -1,7 +1,6 @@
 """Smoke tests of the Flax examples (few steps) and of the README's snippet."""
 
 import contextlib
-import importlib.util
 import io
 import math
 import re
@@ -10,21 +9,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from example_loader import load_example
 
 import optax_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("flax")
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(
-        name, ROOT / "examples" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _check_clip_log(entry, steps, max_norm):
@@ -57,7 +48,7 @@ def _spy(monkeypatch, module, name):
 
 
 def test_rnn_exploding_gradients(monkeypatch):
-    ex = _load("rnn_exploding_gradients")
+    ex = load_example("rnn_exploding_gradients")
     runs = _spy(monkeypatch, ex, "train")
     steps = 30
     final = ex.main(steps=steps, seq_len=10)
@@ -74,7 +65,7 @@ def test_rnn_exploding_gradients(monkeypatch):
 def test_finetune_adamw(monkeypatch, capsys):
     from flax import nnx
 
-    ex = _load("finetune_adamw")
+    ex = load_example("finetune_adamw")
     pretrained = _spy(monkeypatch, ex, "pretrain")
     restored = _spy(monkeypatch, ex, "restore")
     finetuned = _spy(monkeypatch, ex, "finetune")
@@ -113,7 +104,7 @@ def test_finetune_adamw(monkeypatch, capsys):
 
 
 def test_linen_train_state(monkeypatch):
-    ex = _load("linen_train_state")
+    ex = load_example("linen_train_state")
     runs = _spy(monkeypatch, ex, "train")
     steps = 30
     final = ex.main(steps=steps)

@@ -7,8 +7,6 @@ mid-run and continue bit-for-bit like the uninterrupted run.
 """
 
 import collections
-import importlib.util
-from pathlib import Path
 
 import chex
 import flax.serialization
@@ -17,10 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from example_loader import load_example
 
 import optax_clip as oc
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def assert_bitwise_equal(a, b):
@@ -343,17 +340,8 @@ def test_checkpoint_restore_continues_bit_for_bit():
 # --------------------------------------------------------------------------
 
 
-def _load_example(name):
-    spec = importlib.util.spec_from_file_location(
-        name, ROOT / "examples" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_spike_rescue_zclip_and_skip_beat_no_clipping(capsys):
-    example = _load_example("spike_rescue")
+    example = load_example("spike_rescue")
     seeds = (0, 1)
     names = ("none", "zclip", "skip_on_spike")
     results = example.main(steps=300, seeds=seeds, names=names)
