@@ -230,9 +230,15 @@ def scale_leaf(x: jax.Array, scale: Scale) -> jax.Array:
     """``x * scale`` computed in float32 or wider, returned in ``x``'s dtype.
 
     When ``x`` is narrower than the computation (bf16, fp16), the result is
-    rounded toward zero so that clipping never overshoots its bound.
+    rounded toward zero so that clipping never overshoots its bound. Where the
+    scale is exactly 1, ``x`` itself is returned (XLA:CPU flushes subnormal
+    products to zero, so ``x * 1`` is not always ``x``).
     """
     x = x if isinstance(x, jax.Array) else jnp.asarray(x)
+    return jnp.where(scale.value == 1, x, _scaled(x, scale))
+
+
+def _scaled(x: jax.Array, scale: Scale) -> jax.Array:
     acc = jnp.promote_types(x.dtype, scale.hi.dtype)
     if jnp.ndim(scale.hi) == 0 and jnp.ndim(scale.lo) == 0:
         # lax directly: a few thousand leaves trace noticeably faster.
