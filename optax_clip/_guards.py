@@ -3,8 +3,8 @@
 :func:`skip_nonfinite` skips every step whose gradients hold a NaN or Inf;
 :func:`skip_on_spike` also skips steps whose gradient norm (or loss) is an
 outlier of its recent history. A skipped step returns zero updates and leaves
-the wrapped optimizer's state exactly as it was (``jax.lax.cond``: the inner
-update does not even run), so the run continues as if the step had never
+the wrapped optimizer's state exactly as it was (the inner update's results
+are selected away, bit for bit), so the run continues as if the step had never
 happened. Both are jit-safe, run inside ``jax.lax.scan`` and keep their
 counters in fixed-shape state, visible through :func:`optax_clip.get_stats`.
 """
@@ -30,17 +30,42 @@ def _saturating_inc(count: jax.Array, flag: jax.Array) -> jax.Array:
 
 
 def _guarded_update(inner, skip, updates, inner_state, params, extra_args):
-    """``inner.update`` unless ``skip``; then zeros and the untouched state."""
+    """``inner.update`` unless ``skip``; then zeros and the untouched state.
 
-    def run():
-        return inner.update(updates, inner_state, params, **extra_args)
+    The inner update always runs and its results are selected away on a
+    skipped step (bit for bit the old state, exact zeros; NaNs in the
+    discarded values do not pass a select). A ``lax.cond`` would not run it,
+    but XLA then materializes the updates (no fusion with ``apply_updates``),
+    copies the inner state out of the conditional and cannot share the
+    wrapper's norm with an inner clip's identical one. Measured at 10M
+    float32 parameters in 256 leaves, step time over the unguarded
+    ``chain(clip, adamw)``: cond 2.6x, select 1.9x with donated state; 1.6x
+    and 1.1x without donation. Sanitizing the gradient instead of the
+    cotangents (``where(skip, 0, g)``) costs 2.3x / 1.35x: it breaks the
+    shared norm.
 
-    def skipped():
-        shapes = jax.eval_shape(run)[0]
-        zeros = jax.tree.map(jnp.zeros_like, shapes)  # keeps sharding and vma
-        return zeros, inner_state
+    Limitation: a gradient taken *through* a skipped non-finite step with
+    respect to a hyper-parameter closed over by ``inner`` (``adam(lr)`` with
+    a traced ``lr``) is NaN, as with :func:`optax.apply_if_finite`; pass it
+    through :func:`optax.inject_hyperparams` (it is then state) to get 0.
+    """
 
-    return jax.lax.cond(skip, skipped, run)
+    def no_grad_if_skipped(x):
+        # The same value (XLA folds the select away), but on a skipped step
+        # no cotangent flows into the inner update through its inputs, where
+        # 0 * NaN would make a gradient taken through the step NaN.
+        if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            return x
+        return jnp.where(skip, jax.lax.stop_gradient(x), x)
+
+    args = (updates, inner_state, params, extra_args)
+    updates, inner_in, params, extra_args = jax.tree.map(no_grad_if_skipped, args)
+    out, new_state = inner.update(updates, inner_in, params, **extra_args)
+
+    # A scalar predicate: a broadcast one would need each leaf's sharding.
+    out = jax.tree.map(lambda u: jax.lax.select(skip, jnp.zeros_like(u), u), out)
+    kept = jax.tree.map(lambda n, o: jax.lax.select(skip, o, n), new_state, inner_state)
+    return out, kept
 
 
 def _loss_scalar(loss: Any) -> jax.Array:
@@ -264,7 +289,7 @@ def skip_on_spike(
     optional: Flax Linen's ``TrainState.apply_gradients`` cannot pass it). A
     step whose gradients or loss hold a NaN or Inf is always skipped. A
     skipped step returns zero updates and leaves the inner state exactly as it
-    was (the inner update does not run), so training continues as if the step
+    was (its results are selected away), so training continues as if the step
     had not happened. The test is inactive until the window holds
     ``min_history`` values. Every finite value enters its window, also on
     skipped steps (as in OLMo-core and MaxText), so a lasting change of scale

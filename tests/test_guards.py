@@ -128,6 +128,46 @@ def test_skip_nonfinite_inner_output_dtype_and_none_leaves():
     np.testing.assert_array_equal(np.asarray(out["a"]), 0.0)
 
 
+@pytest.mark.parametrize("guard", [oc.skip_nonfinite, oc.skip_on_spike])
+def test_skipped_step_keeps_key_state_and_finite_meta_gradient(guard):
+    # The inner update runs and is selected away: a PRNG key in the inner
+    # state must come back unchanged, and differentiating through a skipped
+    # NaN step must not pull the NaN of the discarded branch into the gradient
+    # (hyper-parameters in the state; see _guarded_update for closures).
+    def make(lr):
+        adam = optax.inject_hyperparams(optax.adam)(learning_rate=lr)
+        return guard(optax.chain(optax.add_noise(0.1, 0.55, 0), adam))
+
+    def loss(lr, g):
+        tx = make(lr)
+        params = jnp.ones(3)
+        state = tx.init(params)
+        u, state = tx.update(g, state, params)
+        u2, state2 = tx.update(jnp.ones(3), state, params)
+        return jnp.sum(u) + jnp.sum(u2), (state, state2)
+
+    bad = jnp.array([1.0, jnp.nan, 2.0])
+    (value, (state, state2)), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        0.1, bad
+    )
+    assert int(state.skipped_steps) == 1
+    init = make(0.1).init(jnp.ones(3))
+
+    def raw(tree):
+        def f(x):
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                return jax.random.key_data(x)
+            return x
+
+        return jax.tree.map(f, tree)
+
+    assert_bitwise_equal(raw(state.guarded_state), raw(init.guarded_state))
+    # the second (good) step is Adam's first: -lr * sign(g + noise) ~ -0.1 each
+    assert np.isfinite(float(value)) and np.isfinite(float(grad))
+    np.testing.assert_allclose(float(grad), float(value) / 0.1, rtol=1e-5)
+    assert int(state2.skipped_steps) == 1
+
+
 # --------------------------------------------------------------------------
 # skip_on_spike
 # --------------------------------------------------------------------------
