@@ -27,6 +27,25 @@ def test_tiny_run_writes_a_complete_report(tmp_path):
     assert "clip_by_global_norm" in names and len(names) >= 2
 
 
+def test_json_runs_merge_into_one_report(tmp_path):
+    # Two one-section runs, saved and merged: each section comes from its run.
+    first, second = tmp_path / "e.json", tmp_path / "d.json"
+    run.main(
+        ["--tiny", "--sections", "e", "--out", str(tmp_path / "e.md")]
+        + ["--json", str(first)]
+    )
+    run.main(
+        ["--tiny", "--sections", "d", "--out", str(tmp_path / "d.md")]
+        + ["--json", str(second)]
+    )
+    out = tmp_path / "merged.md"
+    res = run.main(["--merge", str(first), str(second), "--out", str(out)])
+    assert set(res["results"]) == {"d", "e"}
+    text = out.read_text()
+    assert "Merged from 2 runs" in text and "## d." in text and "## e." in text
+    assert "--sections e" in text and "--sections d" in text
+
+
 def test_sizes_and_shapes():
     assert run._parse_size("10M:256") == (10_000_000, 256)
     assert run._parse_size("2.5K:4") == (2500, 4)
