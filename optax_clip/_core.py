@@ -237,8 +237,41 @@ def scale_leaf(x: jax.Array, scale: Scale, keep: jax.Array | None = None) -> jax
     """
     x = x if isinstance(x, jax.Array) else jnp.asarray(x)
     if keep is not None:  # lax directly: thousands of leaves trace faster
-        return jax.lax.select(keep, x, _scaled(x, scale))
+        return select_bits(keep, x, _scaled(x, scale))
     return jnp.where(scale.value == 1, x, _scaled(x, scale))
+
+
+def select_bits(pred: jax.Array, on_true: jax.Array, on_false: jax.Array):
+    """``lax.select`` (scalar ``pred``) that selects 16-bit floats as integers.
+
+    XLA:CPU has no bf16/fp16 select: it converts both operands to float32 and
+    back. The conversion of the gradient then equals (and is merged with) the
+    one inside the norm's reduction, which XLA:CPU then writes out as a
+    float32 copy of every gradient on every step (measured: the clip alone
+    1.5x slower on bf16). Selecting the bit patterns avoids the conversion.
+    """
+    dtype = on_true.dtype
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2:
+        return _select16(pred, on_true, on_false)
+    return jax.lax.select(pred, on_true, on_false)
+
+
+@jax.custom_jvp
+def _select16(pred: jax.Array, on_true: jax.Array, on_false: jax.Array):
+    uint = _UINT_OF_SIZE[2]
+    bits = jax.lax.select(
+        pred,
+        jax.lax.bitcast_convert_type(on_true, uint),
+        jax.lax.bitcast_convert_type(on_false, uint),
+    )
+    return jax.lax.bitcast_convert_type(bits, on_true.dtype)
+
+
+@_select16.defjvp
+def _select16_jvp(primals, tangents):
+    pred, a, b = primals
+    _, ta, tb = tangents
+    return _select16(pred, a, b), jax.lax.select(pred, ta, tb)
 
 
 def _scaled(x: jax.Array, scale: Scale) -> jax.Array:
@@ -275,7 +308,7 @@ def _apply_leaf(
 ):
     out = scale_leaf(x, scale, keep)
     if policy == "zero_update":  # Inf * 0 is NaN: select zeros explicitly.
-        out = jax.lax.select(zero, jax.lax.full_like(out, 0), out)
+        out = select_bits(zero, jax.lax.full_like(out, 0), out)
     return out
 
 

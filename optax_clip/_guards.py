@@ -63,8 +63,10 @@ def _guarded_update(inner, skip, updates, inner_state, params, extra_args):
     out, new_state = inner.update(updates, inner_in, params, **extra_args)
 
     # A scalar predicate: a broadcast one would need each leaf's sharding.
-    out = jax.tree.map(lambda u: jax.lax.select(skip, jnp.zeros_like(u), u), out)
-    kept = jax.tree.map(lambda n, o: jax.lax.select(skip, o, n), new_state, inner_state)
+    out = jax.tree.map(lambda u: _core.select_bits(skip, jnp.zeros_like(u), u), out)
+    kept = jax.tree.map(
+        lambda n, o: _core.select_bits(skip, o, n), new_state, inner_state
+    )
     return out, kept
 
 

@@ -258,6 +258,48 @@ def test_bf16_clip_matches_reference():
         assert np.all(got <= exact) and np.all(got >= exact * (1 - 2**-7))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("policy", ["propagate", "zero_update"])
+def test_16bit_clip_writes_no_float32_copy(dtype, policy):
+    # XLA:CPU converts a bf16/fp16 select to float32; that conversion of the
+    # gradient merged with the norm's and was written out on every step. The
+    # clip selects bit patterns instead: for bf16 the compiled program has no
+    # float32 array of the gradient's shape (fp16 still has one: its scale
+    # pass converts with the same op as the norm), and the values are as
+    # before.
+    tx = oc.clip_by_global_norm(1.0, nonfinite=policy)
+    g = {"a": jax.ShapeDtypeStruct((256, 96), dtype)}
+    hlo = jax.jit(tx.update).lower(g, jax.eval_shape(tx.init, g)).compile().as_text()
+    if dtype == jnp.bfloat16:
+        assert "f32[256,96]" not in hlo.split("ENTRY")[1]
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(256, 96)), dtype)
+    small = x * jnp.asarray(1e-4, dtype)  # below the threshold: returned as is
+    for tree in ({"a": x}, {"a": small}):
+        out, _ = jax.jit(tx.update)(tree, tx.init(tree))
+        if tree["a"] is small:
+            assert np.asarray(out["a"]).tobytes() == np.asarray(small).tobytes()
+        else:
+            n = np.linalg.norm(np.asarray(x, np.float64))
+            got = np.asarray(out["a"], np.float64)
+            want = np.asarray(x, np.float64) / n
+            np.testing.assert_allclose(got, want, rtol=2e-2, atol=1.2e-7)
+    bad = {"a": x.at[3, 4].set(jnp.nan)}
+    out, _ = jax.jit(tx.update)(bad, tx.init(bad))
+    if policy == "zero_update":
+        assert not np.any(np.asarray(out["a"], np.float32))
+    else:
+        assert np.all(np.isnan(np.asarray(out["a"], np.float32)))
+    # Differentiated like a select (a bitcast alone would give no gradient);
+    # loose: the backward pass sums in 16 bits.
+    state = tx.init({"a": small})
+    grad = jax.grad(lambda c: jnp.sum(tx.update({"a": small * c}, state)[0]["a"]))
+    np.testing.assert_allclose(
+        float(grad(jnp.asarray(1.0, dtype))),
+        float(jnp.sum(small.astype(jnp.float32))),
+        rtol=0.1,
+    )
+
+
 def test_materialize_is_the_identity():
     x = {"a": jnp.float32(2.0), "b": jnp.arange(3), "c": jnp.bool_(True)}
     out = num.materialize(x)
