@@ -735,6 +735,8 @@ def merge_runs(paths: list[Path]) -> tuple[dict, dict]:
     meta = {
         **runs[0],
         "runs": runs,
+        "merge_command": "python -m benchmarks.run --merge "
+        + " ".join(str(p) for p in paths),
         "load_start": runs[0]["load_start"],
         "load_end": runs[-1]["load_end"],
     }
@@ -911,7 +913,11 @@ def write_report(path: Path, results: dict, meta: dict) -> None:
         "",
         "```",
         ".venv/bin/pip install torch==2.13.0   # optional, for section c",
-        meta["command"],
+        *(
+            [r["command"] for r in meta["runs"]] + [meta["merge_command"]]
+            if meta.get("runs")
+            else [meta["command"]]
+        ),
         "```",
         "",
     ]
