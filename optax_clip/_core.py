@@ -236,9 +236,10 @@ def scale_leaf(x: jax.Array, scale: Scale, keep: jax.Array | None = None) -> jax
     is the scalar ``scale.value == 1`` computed once for many leaves.
     """
     x = x if isinstance(x, jax.Array) else jnp.asarray(x)
-    if keep is not None:  # lax directly: thousands of leaves trace faster
+    keep = scale.value == 1 if keep is None else keep
+    if jnp.ndim(keep) == 0:  # lax directly: thousands of leaves trace faster
         return select_bits(keep, x, _scaled(x, scale))
-    return jnp.where(scale.value == 1, x, _scaled(x, scale))
+    return jnp.where(keep, x, _scaled(x, scale))  # per-unit scales (AGC)
 
 
 def select_bits(pred: jax.Array, on_true: jax.Array, on_false: jax.Array):

@@ -272,6 +272,11 @@ def test_16bit_clip_writes_no_float32_copy(dtype, policy):
     hlo = jax.jit(tx.update).lower(g, jax.eval_shape(tx.init, g)).compile().as_text()
     if dtype == jnp.bfloat16:
         assert "f32[256,96]" not in hlo.split("ENTRY")[1]
+        # The same for the per-leaf clips (one scalar scale per leaf).
+        for per_leaf in (oc.clip_by_block_norm(1.0, nonfinite=policy), oc.adagc()):
+            state = jax.eval_shape(per_leaf.init, g)
+            text = jax.jit(per_leaf.update).lower(g, state).compile().as_text()
+            assert "f32[256,96]" not in text.split("ENTRY")[1]
     x = jnp.asarray(np.random.default_rng(8).normal(size=(256, 96)), dtype)
     small = x * jnp.asarray(1e-4, dtype)  # below the threshold: returned as is
     for tree in ({"a": x}, {"a": small}):
