@@ -716,6 +716,10 @@ def _provenance(meta: dict) -> str:
     return f"Merged from {n} runs of the harness, each section from one run: {parts}."
 
 
+def _compile_case_key(row: dict) -> tuple:
+    return (row["impl"], row["what"], row["leaves"], str(row["shape"]))
+
+
 def merge_runs(paths: list[Path]) -> tuple[dict, dict]:
     """Results and meta of several ``--json`` files; a later file's section wins
     (compile cases of section d: a later file's case wins)."""
@@ -725,9 +729,8 @@ def merge_runs(paths: list[Path]) -> tuple[dict, dict]:
         data = json.loads(Path(path).read_text())
         for section, rows in data["results"].items():
             if section == "d" and "d" in results:  # compile cases, one by one
-                key = lambda r: (r["impl"], r["what"], r["leaves"], str(r["shape"]))  # noqa: E731
-                merged = {key(r): r for r in results["d"]}
-                merged.update({key(r): r for r in rows})
+                merged = {_compile_case_key(r): r for r in results["d"]}
+                merged.update({_compile_case_key(r): r for r in rows})
                 results["d"] = list(merged.values())
             else:
                 results[section] = rows
