@@ -472,8 +472,12 @@ class AdaGCState(NamedTuple):
         ``clip_threshold`` is ``max_norm`` during warm-up and afterwards the
         2-norm of the per-tensor thresholds (the largest global norm the
         output can have).
-      tensor_norm_ema: per-tensor reference norm (the EMA gamma of the clipped
-        norms), a pytree of float32 scalars shaped like the parameters.
+      tensor_norm_ema: per-tensor reference norms (the EMA gamma of the
+        clipped norms), one float32 vector with an entry per leaf of the
+        parameters, in ``jax.tree.leaves`` order (one array rather than a
+        pytree of scalars: per-leaf state costs one tiny kernel and one
+        buffer per leaf every step). :meth:`reference_norms` gives it back
+        as a pytree shaped like the parameters.
       adagc_steps: number of finite steps seen (int32, saturating).
       clipped_tensors: number of tensors clipped on the last step (int32).
     """
@@ -484,6 +488,18 @@ class AdaGCState(NamedTuple):
     clipped_tensors: jax.Array
     _stats_name = "adagc"
     _stats_fields = ("adagc_steps", "clipped_tensors")
+
+    def reference_norms(self, params: Any) -> Any:
+        """``tensor_norm_ema`` as a pytree with the structure of ``params``."""
+        leaves, treedef = jax.tree.flatten(params)
+        if len(leaves) != self.tensor_norm_ema.shape[-1]:
+            raise ValueError(
+                f"reference_norms: params have {len(leaves)} leaves, the state "
+                f"has {self.tensor_norm_ema.shape[-1]} reference norms."
+            )
+        return jax.tree.unflatten(
+            treedef, [self.tensor_norm_ema[..., i] for i in range(len(leaves))]
+        )
 
 
 def adagc(
@@ -572,28 +588,31 @@ def adagc(
     def init_fn(params):
         return AdaGCState(
             clip_stats=init_clip_stats(max_norm),
-            tensor_norm_ema=jax.tree.map(lambda _: jnp.zeros((), _F32), params),
+            tensor_norm_ema=jnp.zeros((len(jax.tree.leaves(params)),), _F32),
             adagc_steps=jnp.zeros((), _I32),
             clipped_tensors=jnp.zeros((), _I32),
         )
 
     def update_fn(updates, state, params=None):
         del params
-        gammas, gdef = jax.tree.flatten(state.tensor_norm_ema)
-        norms = _numerics.leaf_norms(updates, 2.0, axes)
-        if len(gammas) != len(norms):
+        gammas = state.tensor_norm_ema
+        norms = _numerics.leaf_norm_vector(updates, 2.0, axes)
+        if gammas.shape != norms.shape:
             raise ValueError(
                 "adagc: the updates have a different tree structure from the "
-                f"parameters given to init ({len(norms)} leaves vs {len(gammas)})."
+                f"parameters given to init ({norms.shape[0]} leaves vs "
+                f"{gammas.shape[0]})."
             )
-        if not norms:
-            applied = _core.apply_per_leaf(updates, [], [], policy, 2.0)
+        if not norms.size:
+            applied = _core.apply_per_leaf(updates, norms, norms, policy, 2.0)
             stats = _core.record(
                 state.clip_stats, applied, state.clip_stats.clip_threshold
             )
             return updates, state._replace(clip_stats=stats)
-        norms32 = [n.astype(_F32) for n in norms]
-        gnorm = _numerics.norm_of_values(norms32, 2.0)
+        # The decide step works on vectors (one entry per tensor): per-leaf
+        # scalar arithmetic would be several tiny kernels per leaf.
+        n = norms.astype(_F32)
+        gnorm = _numerics.norm_of_values(n, 2.0)
         finite = jnp.isfinite(gnorm)
         steps = state.adagc_steps
         warm = steps < jnp.asarray(warmup_steps, _I32)
@@ -604,27 +623,23 @@ def adagc(
         ratio = jnp.asarray(clip_ratio, _F32)
         b = jnp.asarray(beta, _F32)
 
-        thresholds, new_gammas, clipped = [], [], []
-        for n, g in zip(norms32, gammas, strict=True):
-            ref = jnp.where(first, n, g)  # warmup_steps=0: start from the norm
-            local = ratio * ref
-            thresholds.append(jnp.where(warm, n * h, local))
-            warm_gamma = jnp.where(first, n * h, jnp.minimum(g, n * h))
-            ema = b * ref + (1 - b) * jnp.minimum(n, local)
-            new = jnp.where(warm, warm_gamma, ema)
-            new_gammas.append(jnp.where(finite, new, g).astype(_F32))
-            clipped.append(~warm & (n > local))
-        leaf_thresholds = [
-            t.astype(n.dtype) for t, n in zip(thresholds, norms, strict=True)
-        ]
-        applied = _core.apply_per_leaf(updates, norms, leaf_thresholds, policy, 2.0)
+        ref = jnp.where(first, n, gammas)  # warmup_steps=0: start from the norm
+        local = ratio * ref
+        thresholds = jnp.where(warm, n * h, local)
+        warm_gamma = jnp.where(first, n * h, jnp.minimum(gammas, n * h))
+        ema = b * ref + (1 - b) * jnp.minimum(n, local)
+        new_gammas = jnp.where(finite, jnp.where(warm, warm_gamma, ema), gammas)
+        n_clipped = jnp.sum((~warm & (n > local)).astype(_I32))
+
+        applied = _core.apply_per_leaf(
+            updates, norms, thresholds.astype(norms.dtype), policy, 2.0
+        )
         shown = jnp.where(warm, cap, _numerics.norm_of_values(thresholds, 2.0))
         shown = jnp.where(finite, shown, state.clip_stats.clip_threshold)
         stats = _core.record(state.clip_stats, applied, shown)
-        n_clipped = jnp.sum(jnp.stack(clipped).astype(_I32))
         new_state = AdaGCState(
             clip_stats=stats,
-            tensor_norm_ema=jax.tree.unflatten(gdef, new_gammas),
+            tensor_norm_ema=new_gammas.astype(_F32),
             adagc_steps=_finite_increment(steps, finite),
             clipped_tensors=jnp.where(finite, n_clipped, 0).astype(_I32),
         )

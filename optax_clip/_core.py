@@ -356,12 +356,16 @@ def apply_global(
 
 def apply_per_leaf(
     updates: Any,
-    norms: list[jax.Array],
-    thresholds: list[jax.Array],
+    norms: jax.Array,
+    thresholds: jax.Array,
     policy: str,
     norm_type: float,
 ) -> Applied:
     """Scales each leaf by ``min(1, threshold_i / norm_i)`` under ``policy``.
+
+    ``norms`` and ``thresholds`` are vectors with one entry per leaf (leaf
+    order). The scales are computed on these vectors, once, and each leaf's
+    kernel reads its own entry: no per-leaf scalar kernels.
 
     ``propagate``: only a leaf whose own norm is NaN/Inf becomes all NaN; the
     other leaves are clipped as usual. ``zero_update``: any non-finite leaf
@@ -373,23 +377,24 @@ def apply_per_leaf(
         return Applied(
             updates, zero, zero, jnp.ones((), jnp.float32), zero > 0, zero > 0
         )
-    bad = [~jnp.isfinite(n) for n in norms]
-    any_bad = _numerics.materialize(jnp.any(jnp.stack(bad)))
-    new_leaves, values, posts, clips = [], [], [], []
-    for x, n, t, b in zip(leaves, norms, thresholds, bad, strict=True):
-        num, den, clipped = clip_factor(n, t)
-        zero = any_bad if policy == "zero_update" else b
-        scale = _with_policy(policy, make_scale(num, den), zero)
-        new_leaves.append(_apply_leaf(policy, x, scale, zero))
-        values.append(scale.value.astype(jnp.float32))
-        posts.append(jnp.where(zero, scale.value, n * scale.value))
-        clips.append(clipped & ~b)
+    bad = ~jnp.isfinite(norms)
+    any_bad = jnp.any(bad)
+    num, den, clipped = clip_factor(norms, thresholds)
+    zero = jnp.broadcast_to(any_bad, bad.shape) if policy == "zero_update" else bad
+    scale = _with_policy(policy, make_scale(num, den), zero)
+    scale, zero, keep = _numerics.materialize((scale, zero, scale.value == 1))
+    new_leaves = []
+    for i, x in enumerate(leaves):
+        s_i = Scale(*(_numerics.split(v, i) for v in scale))
+        z_i, k_i = _numerics.split(zero, i), _numerics.split(keep, i)
+        new_leaves.append(_apply_leaf(policy, x, s_i, z_i, k_i))
+    posts = jnp.where(zero, scale.value, norms * scale.value)
     return Applied(
         jax.tree.unflatten(treedef, new_leaves),
         _numerics.norm_of_values(norms, norm_type),
         _numerics.norm_of_values(posts, norm_type),
-        jnp.min(jnp.stack(values)),
-        jnp.any(jnp.stack(clips)),
+        jnp.min(scale.value).astype(jnp.float32),
+        jnp.any(clipped & ~bad),
         any_bad,
     )
 

@@ -28,12 +28,14 @@ non-finite (NaN or Inf) exactly when some input is NaN or Inf.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 INF = math.inf
@@ -187,8 +189,8 @@ def _nan_max(v: jax.Array, axis: Any = None, keepdims: bool = False) -> jax.Arra
     return jnp.where(bad, jnp.asarray(jnp.nan, m.dtype), m)
 
 
-@jax.custom_jvp
-def _max_nonneg(a: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _max_nonneg(a: jax.Array, axis: int | None = None) -> jax.Array:
     """``max(a)`` of a non-empty ``a >= 0``, NaN if any element is NaN; one pass.
 
     XLA:CPU's max reduction of a large float array drops NaN (measured on jax
@@ -196,17 +198,18 @@ def _max_nonneg(a: jax.Array) -> jax.Array:
     cross-device max of sharded ``jit``. The integer max of the bit patterns
     keeps it: for non-negative floats the patterns are ordered like the values
     and every NaN pattern (sign cleared by ``abs``) is above that of ``+inf``.
-    Differentiated like ``jnp.max``.
+    Differentiated like ``jnp.max``. ``axis``: reduce that axis only.
     """
     itype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[jnp.dtype(a.dtype).itemsize]
-    top = jnp.max(lax.bitcast_convert_type(a, itype))
+    top = jnp.max(lax.bitcast_convert_type(a, itype), axis=axis)
     return lax.bitcast_convert_type(top, a.dtype)
 
 
 @_max_nonneg.defjvp
-def _max_nonneg_jvp(primals, tangents):
+def _max_nonneg_jvp(axis, primals, tangents):
     (a,), (t,) = primals, tangents
-    return _max_nonneg(a), jax.jvp(jnp.max, (a,), (t,))[1]
+    tangent = jax.jvp(lambda v: jnp.max(v, axis=axis), (a,), (t,))[1]
+    return _max_nonneg(a, axis), tangent
 
 
 def safe_root(s: jax.Array, p: float) -> jax.Array:
@@ -357,24 +360,6 @@ def _reduce_partials(
             total = jnp.maximum(total, part)
     assert total is not None
     return total
-
-
-def _reduce_each(
-    partials: Sequence[jax.Array], leaf_axes: Sequence[tuple], op: str
-) -> list[jax.Array]:
-    """Reduces each leaf's partial over its own mapped axes (one op per group)."""
-    out: list[jax.Array | None] = list(partials)
-    groups: dict[tuple, list[int]] = {}
-    for i, ax in enumerate(leaf_axes):
-        if ax:
-            groups.setdefault(ax, []).append(i)
-    for ax, idx in groups.items():
-        dtype = jnp.result_type(*[partials[i] for i in idx])
-        stacked = jnp.stack([partials[i].astype(dtype) for i in idx])
-        reduced = lax.psum(stacked, ax) if op == "sum" else _pmax(stacked, ax)
-        for k, i in enumerate(idx):
-            out[i] = reduced[k].astype(partials[i].dtype)
-    return out  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------
@@ -589,8 +574,6 @@ def _unit_power_sum(
 
 def _unit_max(xs: Sequence[jax.Array], *, branch: bool = False) -> jax.Array:
     """``max_i max |x_i|`` over a unit (NaN if any NaN; 0 if empty), one reduction."""
-    if xs[0].size == 0:  # only leaf_norms passes empty leaves (units are never empty)
-        return jnp.zeros((), accumulation_dtype(xs[0].dtype))
     top = _summand(xs[0], 1.0, branch=branch)
     for x in xs[1:]:
         top = lax.max(top, _summand(x, 1.0, branch=branch))
@@ -681,52 +664,185 @@ def leaf_norms(
     leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
     if not leaves:
         return []
-    leaf_axes = _leaf_axes(leaves, axis_name)
+    vec = leaf_norm_vector(leaves, norm_type, axis_name)
+    return [
+        split(vec, i).astype(accumulation_dtype(x.dtype)) for i, x in enumerate(leaves)
+    ]
+
+
+def split(vec: jax.Array, i: int) -> jax.Array:
+    """Entry ``i`` of the vector ``vec`` as a scalar (lax: traces fast)."""
+    return lax.reshape(lax.slice_in_dim(vec, i, i + 1), ())
+
+
+def _row_units(
+    leaves: Sequence[jax.Array], leaf_axes: Sequence[tuple]
+) -> list[tuple[jax.Array, list[int], tuple, bool]]:
+    """Leaves as units ``(x, indices, axes, stacked)`` that each give k norms.
+
+    Tiny leaves (see :data:`PACK_MAX_LEAF`) of one size, dtype, layout and
+    set of mapped axes are stacked as the k rows of one matrix, up to
+    :data:`PACK_CHUNK` per unit, and reduced row by row by one kernel
+    (``stacked``). Other leaves are units of one, reduced whole. Thousands of
+    separate reductions (and their rescaled branch) compiled in about 25 s
+    for 1000 leaves; stacked, in about 1 s. Layouts as in :func:`_pack`.
+    """
+    units: list[tuple[jax.Array, list[int], tuple, bool]] = []
+    auto = _auto_context()
+    groups: dict[Any, tuple[tuple, list[tuple[int, jax.Array]]]] = {}
+    for i, (x, ax) in enumerate(zip(leaves, leaf_axes, strict=True)):
+        layout = None
+        if not auto and 0 < x.size <= PACK_MAX_LEAF:
+            layout = _known_layout(x, False)
+            if layout and any(part is not None for part in layout[1]):
+                layout = None  # sharded along some axis
+        if layout is None:
+            units.append((x, [i], ax, False))
+            continue
+        vary = _varying_axes(x) if ax else frozenset()
+        key = (x.size, x.dtype, ax, vary, layout)
+        groups.setdefault(key, (ax, []))[1].append((i, x))
+    for ax, items in groups.values():
+        for start in range(0, len(items), PACK_CHUNK):
+            part = items[start : start + PACK_CHUNK]
+            rows = [lax.reshape(x, (1, x.size)) for _, x in part]
+            matrix = rows[0] if len(rows) == 1 else lax.concatenate(rows, 0)
+            units.append((matrix, [i for i, _ in part], ax, True))
+    return units
+
+
+def _reduce_rows(
+    parts: Sequence[jax.Array], unit_axes: Sequence[tuple], op: str
+) -> jax.Array:
+    """Per-unit vectors reduced over their mapped axes, then concatenated.
+
+    Units with the same mapped axes share one collective.
+    """
+    out: list[jax.Array] = list(parts)
+    groups: dict[tuple, list[int]] = {}
+    for u, ax in enumerate(unit_axes):
+        if ax:
+            groups.setdefault(ax, []).append(u)
+    for ax, idx in groups.items():
+        joined = jnp.concatenate([parts[u] for u in idx])
+        reduced = lax.psum(joined, ax) if op == "sum" else _pmax(joined, ax)
+        offset = 0
+        for u in idx:
+            k = parts[u].shape[0]
+            out[u] = lax.slice_in_dim(reduced, offset, offset + k)
+            offset += k
+    return out[0] if len(out) == 1 else lax.concatenate(out, 0)
+
+
+def _row_summand(x, p, stacked, factors=None, *, branch=False):
+    """:func:`_summand` of a unit, with per-row (or scalar) factors."""
+    if factors is not None:
+        acc = accumulation_dtype(x.dtype)
+        f1, f2 = (f.astype(acc) for f in factors)
+        if stacked:
+            f1, f2 = (lax.broadcast_in_dim(f, x.shape, (0,)) for f in (f1, f2))
+        else:
+            f1, f2 = (lax.reshape(f, ()) for f in (f1, f2))
+        factors = {acc: (f1, f2)}
+    return _summand(x, p, factors, branch=branch)
+
+
+def _row_sum(x, p, stacked, dtype, factors=None, *, branch=False):
+    """One power sum per row of a stacked unit (or one for a whole leaf)."""
+    a = _row_summand(x, p, stacked, factors, branch=branch)
+    total = jnp.sum(a, axis=1) if stacked else jnp.sum(a).reshape(1)
+    return total.astype(dtype)
+
+
+def _row_max(x, stacked, dtype, *, branch=False):
+    """The largest magnitude of each row of a stacked unit (or of a leaf)."""
+    if x.size == 0:
+        return jnp.zeros((1,), dtype)
+    a = _summand(x, 1.0, branch=branch)
+    top = _max_nonneg(a, 1) if stacked else _max_nonneg(a).reshape(1)
+    return top.astype(dtype)
+
+
+def leaf_norm_vector(
+    tree: Any, norm_type: float = 2.0, axis_name: tuple = ()
+) -> jax.Array:
+    """Per-leaf norms of ``tree`` as one vector (leaf order), overflow-safe.
+
+    The vector has the accumulation dtype of the whole tree (float32, or
+    float64 if some leaf is float64) and one entry per leaf; it is empty for
+    a tree without leaves. Work on this vector rather than on per-leaf
+    scalars where possible: every scalar op on N separate leaves is N tiny
+    kernels in the compiled step (measured: about 1 us each on XLA:CPU).
+    Tiny leaves are reduced in stacks (see :func:`_row_units`). The rescaled
+    pass runs (once, for all leaves) only when some leaf's plain sum is
+    outside the normal range, e.g. it overflowed or the leaf is all zeros.
+    """
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+    dtype = tree_accumulation_dtype(leaves)
+    if not leaves:
+        return jnp.zeros((0,), dtype)
+    units = _row_units(leaves, _leaf_axes(leaves, axis_name))
+    unit_axes = [ax for _, _, ax, _ in units]
+    order = [i for _, idx, _, _ in units for i in idx]
+    # Entry j of the unit-order vectors below is leaf order[j].
+    if order == sorted(order):
+        to_leaf_order = None
+    else:
+        position = np.empty(len(order), np.int32)
+        position[np.asarray(order)] = np.arange(len(order), dtype=np.int32)
+        to_leaf_order = position
+
+    def finish(vec):
+        return vec if to_leaf_order is None else vec[to_leaf_order]
+
     if norm_type == INF:
-        return _reduce_each([_unit_max([x]) for x in leaves], leaf_axes, "max")
+        maxes = [_row_max(x, st, dtype) for x, _, _, st in units]
+        return finish(_reduce_rows(maxes, unit_axes, "max"))
 
     p = norm_type
-    dtype = tree_accumulation_dtype(leaves)
-    sums = _reduce_each([_unit_power_sum([x], p) for x in leaves], leaf_axes, "sum")
-    # From here on, work on one vector of per-leaf values (few ops, not per leaf).
-    s_vec = jnp.stack([s.astype(dtype) for s in sums])
+    sums = [_row_sum(x, p, st, dtype) for x, _, _, st in units]
+    s_vec = _reduce_rows(sums, unit_axes, "sum")
     ok = _in_normal_range(s_vec)
 
     def plain(s_vec):
         return safe_root(s_vec, p)
 
     def rescaled(s_vec):
-        maxes = [_unit_max([x], branch=True) for x in leaves]
-        ms = _reduce_each(maxes, leaf_axes, "max")
-        m_vec = jnp.stack([m.astype(dtype) for m in ms])
+        maxes = [_row_max(x, st, dtype, branch=True) for x, _, _, st in units]
+        m_vec = _reduce_rows(maxes, unit_axes, "max")
         e_vec = _exponent(m_vec)
         f1, f2 = materialize(_pow2_factors(e_vec, dtype))
-        factors = [
-            _cast_factors((f1[i], f2[i]), [([x], ())]) for i, x in enumerate(leaves)
-        ]
-        sums = [
-            _unit_power_sum([x], p, f, branch=True)
-            for x, f in zip(leaves, factors, strict=True)
-        ]
-        scaled = _reduce_each(sums, leaf_axes, "sum")
-        t_vec = jnp.stack([t.astype(dtype) for t in scaled])
+        parts, offset = [], 0
+        for x, idx, _, st in units:
+            k = len(idx)
+            f = tuple(lax.slice_in_dim(v, offset, offset + k) for v in (f1, f2))
+            parts.append(_row_sum(x, p, st, dtype, f, branch=True))
+            offset += k
+        t_vec = _reduce_rows(parts, unit_axes, "sum")
         slow = _scaled_root(m_vec, e_vec, t_vec, p)
         return jnp.where(ok, safe_root(s_vec, p), slow)
 
-    norms = lax.cond(jnp.all(ok), plain, rescaled, s_vec)
-    return [norms[i].astype(s.dtype) for i, s in enumerate(sums)]
+    return finish(lax.cond(jnp.all(ok), plain, rescaled, s_vec))
 
 
-def norm_of_values(values: Sequence[jax.Array], norm_type: float) -> jax.Array:
+def norm_of_values(
+    values: Sequence[jax.Array] | jax.Array, norm_type: float
+) -> jax.Array:
     """The ``norm_type``-norm of a few scalars (e.g. per-leaf norms), overflow-safe.
 
-    Used to turn per-leaf norms into a global one without touching the
-    gradients again. Non-finite values give a non-finite result.
+    ``values`` is a sequence of scalars or one vector. Used to turn per-leaf
+    norms into a global one without touching the gradients again. Non-finite
+    values give a non-finite result.
     """
-    if not values:
+    if isinstance(values, jax.Array):
+        v = jnp.abs(values.astype(jnp.result_type(values, jnp.float32)))
+    elif values:
+        dtype = jnp.result_type(*values, jnp.float32)
+        v = jnp.abs(jnp.stack([jnp.asarray(x, dtype) for x in values]))
+    else:
         return jnp.zeros((), jnp.float32)
-    dtype = jnp.result_type(*values, jnp.float32)
-    v = jnp.abs(jnp.stack([jnp.asarray(x, dtype) for x in values]))
+    if v.size == 0:
+        return jnp.zeros((), v.dtype)
     m = jnp.max(v)
     if norm_type == INF:
         return m

@@ -183,11 +183,10 @@ def clip_by_block_norm(
 
     def update_fn(updates, state, params=None):
         del params
-        norms = _numerics.leaf_norms(updates, p, axes)
+        norms = _numerics.leaf_norm_vector(updates, p, axes)
         threshold = _core.threshold_array(max_norm, jnp.float32)
-        applied = _core.apply_per_leaf(
-            updates, norms, [threshold] * len(norms), policy, p
-        )
+        thresholds = jnp.broadcast_to(threshold, norms.shape)
+        applied = _core.apply_per_leaf(updates, norms, thresholds, policy, p)
         stats = _core.record(state.clip_stats, applied, threshold)
         return applied.updates, ClipByBlockNormState(stats)
 

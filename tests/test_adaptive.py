@@ -306,7 +306,7 @@ def test_adagc_matches_reference(kwargs):
         return {
             "scales": jnp.stack([scale(g[k], out[k]) for k in "abc"]),
             "threshold": state.clip_stats.clip_threshold,
-            "gammas": jnp.stack([state.tensor_norm_ema[k] for k in "abc"]),
+            "gammas": state.tensor_norm_ema,
             "clipped": state.clipped_tensors,
         }
 
@@ -340,6 +340,26 @@ def test_adagc_clips_only_the_spiking_tensor():
     for bad in ({"clip_ratio": 0.0}, {"beta": 1.0}, {"warmup_steps": -1}):
         with pytest.raises(ValueError):
             oc.adagc(**bad)
+
+
+def test_adagc_reference_norms_as_a_tree():
+    # The EMAs are one vector in leaf order; reference_norms maps them back.
+    params = {"a": jnp.zeros(3), "b": {"c": jnp.zeros((2, 2)), "d": jnp.zeros(1)}}
+    tx = oc.adagc(warmup_steps=1)
+    state = tx.init(params)
+    assert state.tensor_norm_ema.shape == (3,)
+    assert state.tensor_norm_ema.dtype == jnp.float32
+    g = {"a": jnp.full(3, 0.1), "b": {"c": jnp.full((2, 2), 0.2), "d": jnp.ones(1)}}
+    _, state = jax.jit(tx.update)(g, state)
+    tree = state.reference_norms(params)
+    assert jax.tree.structure(tree) == jax.tree.structure(params)
+    # Warm-up step 1 (global norm sqrt(0.03 + 0.16 + 1) = 1.0909 > 1): every
+    # gamma is its tensor's norm times the global scale 1 / 1.0909.
+    h = 1 / math.sqrt(0.03 + 0.16 + 1.0)
+    want = {"a": 0.1 * math.sqrt(3) * h, "b": {"c": 0.4 * h, "d": h}}
+    chex.assert_trees_all_close(tree, want, rtol=1e-6)
+    with pytest.raises(ValueError, match="2 leaves"):
+        state.reference_norms({"a": 1.0, "b": 2.0})
 
 
 # --------------------------------------------------------------------------

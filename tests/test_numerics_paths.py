@@ -316,3 +316,96 @@ def test_materialize_is_the_identity():
     np.testing.assert_array_equal(
         jax.vmap(num.materialize)(jnp.arange(4.0)), np.arange(4.0)
     )
+
+
+# --------------------------------------------------------------------------
+# Per-leaf norms: tiny leaves of one size are reduced as the rows of a stack.
+# --------------------------------------------------------------------------
+
+
+def _row_tree(seed=0, big=None):
+    rng = np.random.default_rng(seed)
+    tree = big_tree(seed, big)
+    # 70 leaves of size 4 in two shapes, interleaved: two stacks (PACK_CHUNK
+    # is 64), and the unit order differs from the leaf order.
+    tree["size4"] = [
+        jnp.asarray(rng.normal(size=(2, 2) if i % 2 else (4,)), jnp.float32)
+        for i in range(70)
+    ]
+    tree["zero"] = jnp.zeros((3,), jnp.float32)
+    if big is not None:
+        tree["size4"][41] = tree["size4"][41].at[0].set(big)
+    return tree
+
+
+_leaf_norms = jax.jit(num.leaf_norms, static_argnums=(1, 2))
+
+
+@pytest.mark.parametrize("p", P_TYPES)
+@pytest.mark.parametrize("big", [None, 1e38, 1e-40])
+def test_leaf_norms_stacked_rows_match_numpy(p, big):
+    tree = _row_tree(big=big)
+    leaves = jax.tree.leaves(tree)
+    got = _leaf_norms(tree, p)
+    assert len(got) == len(leaves)
+    for x, n in zip(leaves, got, strict=True):
+        assert n.dtype == num.accumulation_dtype(x.dtype)
+        np.testing.assert_allclose(float(n), ref_norm([x], p), rtol=2e-6, atol=0)
+    assert len(num._row_units(leaves, [()] * len(leaves))) < len(leaves) // 2
+
+
+@pytest.mark.parametrize("p", P_TYPES)
+def test_leaf_norms_stacked_rows_nonfinite(p):
+    tree = _row_tree()
+    tree["size4"][10] = tree["size4"][10].at[1].set(jnp.nan)
+    tree["size4"][11] = tree["size4"][11].at[0, 1].set(-jnp.inf)
+    leaves = jax.tree.leaves(tree)
+    got = np.asarray([float(n) for n in _leaf_norms(tree, p)])
+    bad = [i for i, x in enumerate(leaves) if not np.all(np.isfinite(x))]
+    assert len(bad) == 2
+    assert np.isnan(got[bad[0]]) and got[bad[1]] == np.inf
+    good = np.delete(np.arange(len(leaves)), bad)
+    want = np.asarray([ref_norm([leaves[i]], p) for i in good])
+    np.testing.assert_allclose(got[good], want, rtol=2e-6)
+
+
+def test_leaf_norms_many_tiny_leaves_make_a_small_program():
+    tree = [jax.ShapeDtypeStruct((8,), jnp.float32)] * 500
+    jaxpr = jax.make_jaxpr(num.leaf_norm_vector)(tree)
+    conds = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "cond"]
+    assert len(conds) == 1
+    # The stacks, the branch index, the sums and the in-range flags.
+    assert len(conds[0].invars) <= -(-500 // num.PACK_CHUNK) + 3
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+def test_leaf_norms_sharded_jit(n_devices, axis_type):
+    mesh = jax.make_mesh((n_devices,), ("data",), axis_types=(axis_type,))
+    tree = _explicit_tree(mesh)
+    leaves = jax.tree.leaves(tree)
+    got = _leaf_norms(tree, 2.0)
+    want = [ref_norm([x], 2.0) for x in leaves]
+    np.testing.assert_allclose([float(n) for n in got], want, rtol=1e-5)
+    tx = oc.clip_by_block_norm(1.0)
+    out, _ = jax.jit(tx.update)(tree, tx.init(tree))
+    post = [ref_norm([x], 2.0) for x in jax.tree.leaves(out)]
+    np.testing.assert_allclose(post, np.minimum(want, 1.0), rtol=1e-5)
+
+
+def test_leaf_norms_shard_map_axis_name(n_devices):
+    mesh = jax.make_mesh((n_devices,), ("data",))
+    tree = _explicit_tree(mesh)
+    del tree["cols"]
+    specs = {
+        "rows": [P("data")] * 20,
+        "repl_tiny": [P()] * 10,
+        "shard_tiny": [P("data")] * 3,
+    }
+    fn = jax.shard_map(
+        lambda t: num.leaf_norm_vector(t, 2.0, ("data",)),
+        mesh=mesh,
+        in_specs=(specs,),
+        out_specs=P(),
+    )
+    want = [ref_norm([x], 2.0) for x in jax.tree.leaves(tree)]
+    np.testing.assert_allclose(np.asarray(jax.jit(fn)(tree)), want, rtol=1e-5)

@@ -1,6 +1,7 @@
 """Fixed-threshold clipping against NumPy float64 references and hand cases."""
 
 import functools
+import math
 
 import chex
 import hypothesis.extra.numpy as hnp
@@ -148,6 +149,27 @@ def test_float64_inputs_under_x64():
         out, _ = tx.update(g, tx.init(g))
         assert out.dtype == jnp.float64
         np.testing.assert_allclose(out, [2**-0.5, 2**-0.5], rtol=1e-12)
+
+
+def test_block_norm_mixed_float64_and_float32_leaves_under_x64():
+    # The per-leaf scales are computed on one float64 vector; the float32
+    # leaf keeps its dtype and gets its own (float32-exact) scale.
+    with jax.enable_x64(True):
+        g = {
+            "a": jnp.asarray([3e200, 4e200], jnp.float64),
+            "b": jnp.asarray([3.0, 4.0], jnp.float32),
+            "c": jnp.asarray([0.3, 0.4], jnp.float32),
+        }
+        tx = oc.clip_by_block_norm(1.0)
+        out, state = jax.jit(tx.update)(g, tx.init(g))
+        assert out["a"].dtype == jnp.float64 and out["b"].dtype == jnp.float32
+        np.testing.assert_allclose(out["a"], [0.6, 0.8], rtol=1e-12)
+        np.testing.assert_allclose(out["b"], [0.6, 0.8], rtol=1e-6)
+        np.testing.assert_array_equal(out["c"], g["c"])
+        # Stats are float32 (a fixed state dtype): 5e200 is recorded as Inf.
+        np.testing.assert_allclose(
+            state.clip_stats.post_clip_norm, math.sqrt(2.25), rtol=1e-6
+        )
 
 
 def test_max_norm_inf_records_stats_but_never_clips():
