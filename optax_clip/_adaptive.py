@@ -827,7 +827,8 @@ def adaptive_grad_clip(
             scale = _core.Scale(value, jnp.where(zero, fill, scale.hi), scale.lo)
             y = _core.scale_leaf(g, scale)
             if policy == "zero_update":
-                y = jnp.where(zero, jnp.zeros_like(y), y)
+                zeros = jax.lax.full_like(y, 0)
+                y = _core.select_bits(jnp.broadcast_to(zero, y.shape), zeros, y)
             out.append(y)
             pre.append(jnp.ravel(gn).astype(_F32))
             post.append(jnp.ravel(jnp.where(zero, value, gn * value)).astype(_F32))

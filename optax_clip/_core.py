@@ -219,7 +219,10 @@ def _widen(x: jax.Array, dtype: Any) -> jax.Array:
     An identical conversion here would be merged with it (CSE), and XLA:CPU
     would then write a float32 copy of the gradients instead of fusing the
     conversion into the reduction. Shifting the bits gives the same values
-    through other operations.
+    through other operations. (fp16 needs no such care on XLA:CPU: its
+    reductions go to YNNPACK, which cannot fuse an fp16 conversion, so the
+    norm writes a float32 copy of fp16 gradients whatever the scale pass
+    does; even ``jnp.sum(x.astype(jnp.float32) ** 2)`` does.)
     """
     if x.dtype == jnp.bfloat16 and jnp.dtype(dtype) == jnp.float32:
         return _bf16_to_f32(x)
@@ -237,13 +240,15 @@ def scale_leaf(x: jax.Array, scale: Scale, keep: jax.Array | None = None) -> jax
     """
     x = x if isinstance(x, jax.Array) else jnp.asarray(x)
     keep = scale.value == 1 if keep is None else keep
-    if jnp.ndim(keep) == 0:  # lax directly: thousands of leaves trace faster
-        return select_bits(keep, x, _scaled(x, scale))
-    return jnp.where(keep, x, _scaled(x, scale))  # per-unit scales (AGC)
+    if jnp.ndim(keep) != 0:  # per-unit scales (AGC)
+        keep = jnp.broadcast_to(keep, x.shape)
+    return select_bits(keep, x, _scaled(x, scale))
 
 
 def select_bits(pred: jax.Array, on_true: jax.Array, on_false: jax.Array):
-    """``lax.select`` (scalar ``pred``) that selects 16-bit floats as integers.
+    """``lax.select`` that selects 16-bit floats as integers.
+
+    ``pred`` is a scalar or has the operands' shape.
 
     XLA:CPU has no bf16/fp16 select: it converts both operands to float32 and
     back. The conversion of the gradient then equals (and is merged with) the
@@ -282,7 +287,7 @@ def _scaled(x: jax.Array, scale: Scale) -> jax.Array:
         hi, lo = _convert(scale.hi, acc), _convert(scale.lo, acc)
         y = jax.lax.mul(jax.lax.mul(_widen(x, acc), hi), lo)
     else:
-        y = x.astype(acc) * scale.hi.astype(acc) * scale.lo.astype(acc)
+        y = _widen(x, acc) * scale.hi.astype(acc) * scale.lo.astype(acc)
     if (
         jnp.issubdtype(x.dtype, jnp.floating)
         and jnp.dtype(x.dtype).itemsize < jnp.dtype(acc).itemsize

@@ -488,6 +488,17 @@ def test_agc_huge_and_low_precision_values():
     limit = 0.001 * math.sqrt(4096)
     got = float(jnp.linalg.norm(out16["w"][:, 0].astype(jnp.float32)))
     assert limit * 0.99 <= got <= limit
+    # The per-unit select works on bf16 bit patterns: an unclipped unit
+    # (column 1, a subnormal-free small gradient) comes back bit for bit, and
+    # zero_update gives exact zeros when one unit is NaN.
+    g16 = g16.at[:, 1].set(jnp.bfloat16(1e-5))
+    out16, _ = jax.jit(tx.update)({"w": g16}, tx.init({"w": p16}), {"w": p16})
+    assert np.asarray(out16["w"][:, 1]).tobytes() == np.asarray(g16[:, 1]).tobytes()
+    tx0 = oc.adaptive_grad_clip(0.001, nonfinite="zero_update")
+    bad = {"w": g16.at[5, 0].set(jnp.nan)}
+    out0, _ = jax.jit(tx0.update)(bad, tx0.init({"w": p16}), {"w": p16})
+    assert out0["w"].dtype == jnp.bfloat16
+    assert not np.any(np.asarray(out0["w"], np.float32))
 
 
 def test_agc_errors_and_axis():
