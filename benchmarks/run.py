@@ -401,10 +401,12 @@ def section_bc(preset: Preset, log, use_torch: bool) -> list[dict]:
 
 
 def _adaptive_variants() -> dict[str, optax.GradientTransformation]:
-    """chain(X, adamw) for every adaptive transform / guard this version has."""
+    """chain(X, adamw) for every adaptive transform / guard this version has,
+    and for the per-leaf static clip (which shares adagc's per-leaf path)."""
     clip = oc.clip_by_global_norm(MAX_NORM)
     out = {"clip_by_global_norm": optax.chain(clip, adamw())}
     for name, make in [
+        ("clip_by_block_norm", lambda: oc.clip_by_block_norm(MAX_NORM)),
         ("zclip", lambda: oc.zclip()),
         ("autoclip", lambda: oc.autoclip()),
         ("adagc", lambda: oc.adagc()),
@@ -458,7 +460,16 @@ def _compile_one(impl: str, what: str, leaves: int, shape: tuple[int, ...]) -> d
         if impl == "optax_clip"
         else optax.clip_by_global_norm(MAX_NORM)
     )
-    if what == "clip":
+    per_leaf = {
+        ("optax_clip", "block"): lambda: oc.clip_by_block_norm(MAX_NORM),
+        ("optax", "block"): lambda: optax.clip_by_block_rms(MAX_NORM),
+        ("optax_clip", "adagc"): oc.adagc,
+    }
+    if what in ("block", "adagc"):
+        tx = per_leaf[impl, what]()
+        fn = jax.jit(lambda g, s: tx.update(g, s), donate_argnums=(0, 1))
+        args = (struct, jax.eval_shape(tx.init, struct))
+    elif what == "clip":
         tx = clip
         fn = jax.jit(lambda g, s: tx.update(g, s), donate_argnums=(0, 1))
         args = (struct, jax.eval_shape(tx.init, struct))
@@ -549,12 +560,22 @@ def _run_compile_cases(cases: list[dict], timeout: float, log) -> list[dict]:
     return results
 
 
-def section_d(preset: Preset, log, timeout: float) -> list[dict]:
+#: What section d compiles: "clip" and "chain" (global norm) by default;
+#: "block" (per-leaf clip; optax's nearest is ``clip_by_block_rms``) and
+#: "adagc" (optax has none) on request (``--compile-what``).
+COMPILE_WHAT = ("clip", "chain", "block", "adagc")
+
+
+def section_d(
+    preset: Preset, log, timeout: float, whats: tuple[str, ...] = ("clip", "chain")
+) -> list[dict]:
     cases = []
     for n in preset.compile_leaves:
-        for what in ("clip", "chain"):
+        for what in whats:
             for impl in ("optax_clip", "optax"):
                 if impl == "optax" and n > preset.optax_compile_max:
+                    continue
+                if impl == "optax" and what == "adagc":
                     continue
                 shape = list(preset.compile_shape)
                 cases.append({"impl": impl, "what": what, "leaves": n, "shape": shape})
@@ -670,8 +691,15 @@ def summary(results: dict) -> list[list[str]]:
     ok = [r for r in d if "compile_s" in r]
     if ok:
         top = max(r["leaves"] for r in ok)
-        mine = [r for r in ok if r["impl"] == "optax_clip" and r["leaves"] == top]
-        theirs = [r for r in d if r["impl"] == "optax" and r["leaves"] == top]
+        glob = [r for r in ok if r["what"] in ("clip", "chain")]
+        mine = [r for r in glob if r["impl"] == "optax_clip" and r["leaves"] == top]
+        theirs = [
+            r
+            for r in d
+            if r["impl"] == "optax"
+            and r["leaves"] == top
+            and r["what"] in ("clip", "chain")
+        ]
         worst = max((r["trace_s"] + r["compile_s"] for r in mine), default=None)
         other = [
             _f(r["trace_s"] + r["compile_s"], 1) if "compile_s" in r else "timeout"
@@ -877,7 +905,10 @@ def write_report(path: Path, results: dict, meta: dict) -> None:
             "`jax.jit(...).lower(...)` (trace) and `.compile()` of the clip "
             "alone and of the train step with `chain(clip, adamw)`, each case "
             "in a fresh worker process; CPU s is the process CPU time of the "
-            "compile (less sensitive to other load than the wall time).",
+            "compile (less sensitive to other load than the wall time). "
+            "`block`: the per-leaf clip alone (`clip_by_block_norm`; for optax "
+            "`clip_by_block_rms`, its nearest per-leaf clip); `adagc`: adagc "
+            "alone (optax has none).",
             "",
             *_table(
                 [
@@ -974,8 +1005,17 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="write one report from --json files instead of running",
     )
+    parser.add_argument(
+        "--compile-what",
+        default="clip,chain",
+        help=f"what section d compiles, among {','.join(COMPILE_WHAT)}",
+    )
     parser.add_argument("--compile-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    whats = tuple(w for w in args.compile_what.split(",") if w)
+    unknown = sorted(set(whats) - set(COMPILE_WHAT))
+    if unknown:
+        parser.error(f"--compile-what: unknown {unknown}; use {COMPILE_WHAT}")
     if args.compile_worker is not None:
         compile_worker(args.compile_worker)
         return {}
@@ -1011,7 +1051,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "e" in args.sections:
         results["e"] = section_e(preset, log)
     if "d" in args.sections:
-        results["d"] = section_d(preset, log, args.compile_timeout)
+        results["d"] = section_d(preset, log, args.compile_timeout, whats)
     cmd = "python -m benchmarks.run " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )

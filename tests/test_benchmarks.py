@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from benchmarks import run
 
 
@@ -36,14 +38,27 @@ def test_json_runs_merge_into_one_report(tmp_path):
     )
     run.main(
         ["--tiny", "--sections", "d", "--out", str(tmp_path / "d.md")]
-        + ["--json", str(second)]
+        + ["--json", str(second), "--compile-what", "block,adagc"]
     )
     out = tmp_path / "merged.md"
     res = run.main(["--merge", str(first), str(second), "--out", str(out)])
     assert set(res["results"]) == {"d", "e"}
+    # The per-leaf compile cases: ours (block, adagc) and optax's block_rms.
+    done = {(r["impl"], r["what"]) for r in res["results"]["d"] if "compile_s" in r}
+    assert done == {
+        ("optax_clip", "block"),
+        ("optax_clip", "adagc"),
+        ("optax", "block"),
+    }
     text = out.read_text()
     assert "Merged from 2 runs" in text and "## d." in text and "## e." in text
     assert "--sections e" in text and "--sections d" in text
+
+
+def test_unknown_compile_case_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        run.main(["--tiny", "--sections", "d", "--compile-what", "clip,blok"])
+    assert "blok" in capsys.readouterr().err
 
 
 def test_sizes_and_shapes():
