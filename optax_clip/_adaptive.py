@@ -828,7 +828,7 @@ def adaptive_grad_clip(
             y = _core.scale_leaf(g, scale)
             if policy == "zero_update":
                 zeros = jax.lax.full_like(y, 0)
-                y = _core.select_bits(jnp.broadcast_to(zero, y.shape), zeros, y)
+                y = _core.select_bits(zero, zeros, y)
             out.append(y)
             pre.append(jnp.ravel(gn).astype(_F32))
             post.append(jnp.ravel(jnp.where(zero, value, gn * value)).astype(_F32))

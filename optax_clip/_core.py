@@ -240,15 +240,13 @@ def scale_leaf(x: jax.Array, scale: Scale, keep: jax.Array | None = None) -> jax
     """
     x = x if isinstance(x, jax.Array) else jnp.asarray(x)
     keep = scale.value == 1 if keep is None else keep
-    if jnp.ndim(keep) != 0:  # per-unit scales (AGC)
-        keep = jnp.broadcast_to(keep, x.shape)
-    return select_bits(keep, x, _scaled(x, scale))
+    return select_bits(keep, x, _scaled(x, scale))  # keep: scalar or per unit
 
 
 def select_bits(pred: jax.Array, on_true: jax.Array, on_false: jax.Array):
-    """``lax.select`` that selects 16-bit floats as integers.
+    """A select that selects 16-bit floats as integers.
 
-    ``pred`` is a scalar or has the operands' shape.
+    ``pred`` is a scalar or broadcasts to the operands' shape.
 
     XLA:CPU has no bf16/fp16 select: it converts both operands to float32 and
     back. The conversion of the gradient then equals (and is merged with) the
@@ -259,13 +257,25 @@ def select_bits(pred: jax.Array, on_true: jax.Array, on_false: jax.Array):
     dtype = on_true.dtype
     if jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2:
         return _select16(pred, on_true, on_false)
-    return jax.lax.select(pred, on_true, on_false)
+    return _pick(pred, on_true, on_false)
+
+
+def _pick(pred: jax.Array, on_true: jax.Array, on_false: jax.Array):
+    """``lax.select`` for a scalar ``pred`` (fast to trace), else ``jnp.where``.
+
+    ``jnp.where`` broadcasts ``pred`` with the operands' sharding (a
+    per-unit ``pred`` broadcast by hand is replicated, and ``lax.select``
+    rejects it under ``Explicit`` mesh axes).
+    """
+    if jnp.ndim(pred) == 0:
+        return jax.lax.select(pred, on_true, on_false)
+    return jnp.where(pred, on_true, on_false)
 
 
 @jax.custom_jvp
 def _select16(pred: jax.Array, on_true: jax.Array, on_false: jax.Array):
     uint = _UINT_OF_SIZE[2]
-    bits = jax.lax.select(
+    bits = _pick(
         pred,
         jax.lax.bitcast_convert_type(on_true, uint),
         jax.lax.bitcast_convert_type(on_false, uint),
@@ -277,7 +287,7 @@ def _select16(pred: jax.Array, on_true: jax.Array, on_false: jax.Array):
 def _select16_jvp(primals, tangents):
     pred, a, b = primals
     _, ta, tb = tangents
-    return _select16(pred, a, b), jax.lax.select(pred, ta, tb)
+    return _select16(pred, a, b), _pick(pred, ta, tb)
 
 
 def _scaled(x: jax.Array, scale: Scale) -> jax.Array:
