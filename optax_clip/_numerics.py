@@ -569,11 +569,136 @@ def _unit_power_sum(
     total = _summand(xs[0], p, factors, branch=branch)
     for x in xs[1:]:
         total = lax.add(total, _summand(x, p, factors, branch=branch))
-    return jnp.sum(total)
+    return branch_sum(total) if branch else jnp.sum(total)
+
+
+def _neumaier_add(x, y):
+    (s1, c1), (s2, c2) = x, y
+    t = s1 + s2
+    err = jnp.where(jnp.abs(s1) >= jnp.abs(s2), (s1 - t) + s2, (s2 - t) + s1)
+    return t, (c1 + c2) + err
+
+
+def _local(x: jax.Array) -> bool:
+    """Whether ``x`` is known to be local or replicated (not split on a mesh).
+
+    Reductions with a custom computation (:func:`branch_sum`,
+    :func:`_branch_max`) are only used on such arrays: the SPMD partitioner
+    cannot combine them across devices and would all-gather a sharded one.
+    """
+    layout = _known_layout(x, _auto_context())
+    if layout is None:
+        return False
+    return layout == () or all(part is None for part in layout[1])
+
+
+def branch_sum(a: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.Array:
+    """``jnp.sum(a, axis)`` for the rescaled branch: compensated, fused.
+
+    A reduction with two outputs (sum and compensation; Neumaier's
+    summation), which XLA:CPU does not hand to YNNPACK: the elementwise work
+    that produces ``a`` (rescaling factors, ``|x|``, sums of grouped leaves)
+    is fused into the reduction instead of being written out as a full-size
+    temporary. A plain ``jnp.sum`` there reserved twice the gradients' bytes
+    of temporary memory on every step, though the branch rarely runs.
+    Differentiated like ``jnp.sum``. Arrays that may be sharded (see
+    :func:`_local`) take ``jnp.sum``.
+    """
+    if not _local(a):
+        return jnp.sum(a, axis=axis)
+    return _compensated_sum(a, axis)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _compensated_sum(a: jax.Array, axis: Any) -> jax.Array:
+    if axis is None:
+        axes = tuple(range(a.ndim))
+    else:
+        axes = tuple(sorted({d % a.ndim for d in np.atleast_1d(axis).tolist()}))
+    zero = jnp.zeros((), a.dtype)
+    total, comp = lax.reduce(
+        (a, lax.full_like(a, 0)), (zero, zero), _neumaier_add, axes
+    )
+    return total + comp
+
+
+@_compensated_sum.defjvp
+def _compensated_sum_jvp(axis, primals, tangents):
+    (a,), (t,) = primals, tangents
+    return _compensated_sum(a, axis), jnp.sum(t, axis=axis)
+
+
+def _branch_max(
+    xs: Sequence[jax.Array], axis: Any = None, keepdims: bool = False
+) -> jax.Array:
+    """``max_i max |x_i|`` (over ``axis``) for the rescaled branch; may drop NaN.
+
+    One reduction with two outputs, ``max(x)`` and ``min(x)`` over the
+    same-shape arrays ``xs``, then ``max(top, -bottom)``. XLA:CPU hands a
+    plain max reduction to YNNPACK, which cannot fuse ``abs``, a bit cast or
+    the elementwise max of grouped leaves: those were written out as
+    full-size temporaries (twice the gradients' bytes reserved on every
+    step, though the branch rarely runs). This reduction is fused with its
+    producers. A NaN that it drops is still caught: the scaled sum is NaN,
+    and :func:`_scaled_root` returns it. Complex values take ``|x|``. Arrays
+    that may be sharded (see :func:`_local`) take ``jnp.max``/``jnp.min``.
+    """
+    acc = accumulation_dtype(xs[0].dtype)
+    if any(jnp.issubdtype(x.dtype, jnp.complexfloating) for x in xs):
+        xs = [_magnitude(x) for x in xs]
+    if not jnp.issubdtype(xs[0].dtype, jnp.floating):
+        xs = [x.astype(acc) for x in xs]
+    if all(_local(x) for x in xs):
+        return _extremes(tuple(xs), axis, keepdims).astype(acc)
+    # Possibly sharded: reductions the partitioner can combine across devices.
+    top = functools.reduce(
+        jnp.maximum, [jnp.max(x, axis, keepdims=keepdims) for x in xs]
+    )
+    bottom = functools.reduce(
+        jnp.minimum, [jnp.min(x, axis, keepdims=keepdims) for x in xs]
+    )
+    return jnp.maximum(top.astype(acc), -bottom.astype(acc))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _extremes(xs: tuple, axis: Any, keepdims: bool) -> jax.Array:
+    top, bottom = xs[0], xs[0]
+    for x in xs[1:]:
+        top, bottom = lax.max(top, x), lax.min(bottom, x)
+    if axis is None:
+        axes = tuple(range(top.ndim))
+    else:
+        axes = tuple(sorted({d % top.ndim for d in np.atleast_1d(axis).tolist()}))
+    inf = jnp.asarray(jnp.inf, top.dtype)
+
+    def pick(u, v):
+        return lax.max(u[0], v[0]), lax.min(u[1], v[1])
+
+    hi, lo = lax.reduce((top, bottom), (-inf, inf), pick, axes)
+    out = lax.max(hi, lax.neg(lo))
+    if keepdims:
+        out = lax.expand_dims(out, axes)
+    return out
+
+
+@_extremes.defjvp
+def _extremes_jvp(axis, keepdims, primals, tangents):
+    (xs,), (ts,) = primals, tangents
+
+    def reference(xs):  # the same value through differentiable jnp ops
+        top = functools.reduce(jnp.maximum, [jnp.abs(x) for x in xs])
+        return jnp.max(top, axis=axis, keepdims=keepdims)
+
+    return _extremes(xs, axis, keepdims), jax.jvp(reference, (xs,), (ts,))[1]
 
 
 def _unit_max(xs: Sequence[jax.Array], *, branch: bool = False) -> jax.Array:
-    """``max_i max |x_i|`` over a unit (NaN if any NaN; 0 if empty), one reduction."""
+    """``max_i max |x_i|`` over a unit (NaN if any NaN; 0 if empty), one reduction.
+
+    ``branch=True``: see :func:`_branch_max`.
+    """
+    if branch:
+        return _branch_max(xs)
     top = _summand(xs[0], 1.0, branch=branch)
     for x in xs[1:]:
         top = lax.max(top, _summand(x, 1.0, branch=branch))
@@ -750,7 +875,8 @@ def _row_summand(x, p, stacked, factors=None, *, branch=False):
 def _row_sum(x, p, stacked, dtype, factors=None, *, branch=False):
     """One power sum per row of a stacked unit (or one for a whole leaf)."""
     a = _row_summand(x, p, stacked, factors, branch=branch)
-    total = jnp.sum(a, axis=1) if stacked else jnp.sum(a).reshape(1)
+    add = branch_sum if branch else jnp.sum
+    total = add(a, 1) if stacked else add(a).reshape(1)
     return total.astype(dtype)
 
 
@@ -758,7 +884,10 @@ def _row_max(x, stacked, dtype, *, branch=False):
     """The largest magnitude of each row of a stacked unit (or of a leaf)."""
     if x.size == 0:
         return jnp.zeros((1,), dtype)
-    a = _summand(x, 1.0, branch=branch)
+    if branch:
+        top = _branch_max([x], 1) if stacked else _branch_max([x]).reshape(1)
+        return top.astype(dtype)
+    a = _summand(x, 1.0)
     top = _max_nonneg(a, 1) if stacked else _max_nonneg(a).reshape(1)
     return top.astype(dtype)
 
@@ -897,13 +1026,26 @@ def unitwise_norms(
             shape = tuple(1 if d in ax else n for d, n in enumerate(x.shape))
             out.append(jnp.zeros(shape, acc))
             continue
-        a = _magnitude(x)
+        # |x| is not written out: the sum squares x itself (real values) and
+        # the max is max(max(x), -min(x)), reductions that read x directly.
+        a = _magnitude(x) if jnp.issubdtype(x.dtype, jnp.complexfloating) else x
         out.append(None)
         todo.append((i, a, ax))
     if not todo:
         return out  # type: ignore[return-value]
-    sums = [jnp.sum(a * a, axis=ax, keepdims=True) for _, a, ax in todo]
-    maxes = [jnp.max(a, axis=ax, keepdims=True) for _, a, ax in todo]
+    sums = []
+    for _, a, ax in todo:
+        b = a if a.dtype == accumulation_dtype(a.dtype) else a.astype(jnp.float32)
+        sums.append(jnp.sum(b * b, axis=ax, keepdims=True))
+    # Two plain reductions (YNNPACK on XLA:CPU, which fuses a bf16
+    # conversion into them; a fused two-output reduction did not, and the
+    # conversion of bf16 gradients was then written out).
+    maxes = []
+    for _, a, ax in todo:
+        top = jnp.max(a, axis=ax, keepdims=True)
+        bottom = jnp.min(a, axis=ax, keepdims=True)
+        acc = accumulation_dtype(a.dtype)
+        maxes.append(jnp.maximum(top.astype(acc), -bottom.astype(acc)))
     good = [_in_normal_range(s) | (m == 0) for s, m in zip(sums, maxes, strict=True)]
     all_good = jnp.all(jnp.stack([jnp.all(g) for g in good]))
 
@@ -916,11 +1058,12 @@ def unitwise_norms(
         norms = []
         for (_, a, ax), s, m, ok in zip(todo, sums, maxes, good, strict=True):
             e = _exponent(m)
-            f1, f2 = _pow2_factors(e, a.dtype)
-            b = a * f1 * f2
-            # t is NaN iff the unit holds a NaN, also when m lost it (a max
-            # across devices drops NaN: see _nan_max).
-            root = _scaled_root(m, e, jnp.sum(b * b, axis=ax, keepdims=True), 2.0)
+            f1, f2 = _pow2_factors(e, m.dtype)
+            b = a.astype(m.dtype) * f1 * f2
+            # t is NaN iff the unit holds a NaN, also when m lost it (the max
+            # drops NaN: see _branch_max).
+            t = branch_sum(b * b, ax).reshape(m.shape)
+            root = _scaled_root(m, e, t, 2.0)
             norms.append(jnp.where(ok, safe_root(s, 2.0), root))
         return norms
 
