@@ -204,6 +204,11 @@ class TrainStep:
         self.params, self.state = self.fn(self.params, self.state, self.grads)
         return self.params
 
+    def temp_mb(self) -> float:
+        """Temporary memory the compiled step reserves (outputs excluded), MB."""
+        compiled = self.fn.lower(self.params, self.state, self.grads).compile()
+        return compiled.memory_analysis().temp_size_in_bytes / 1e6
+
 
 class ClipAlone:
     """``out, state = clip(grads, state)`` on the same gradients every call.
@@ -348,6 +353,10 @@ def section_a(preset: Preset, log) -> list[dict]:
                 "optax_ratio": paired_ratio(ts["optax"], ts["adamw"]),
                 # adamw plus one read of the gradients: the least any clip adds
                 "bound_ratio": 1 + paired_ratio(ts["read"], ts["adamw"]),
+                **{
+                    f"{k}_temp_mb": cases[k].temp_mb()
+                    for k in ("adamw", "optax_clip", "optax")
+                },
             }
             log(f"[a] {row}")
             rows.append(row)
@@ -660,6 +669,19 @@ def summary(results: dict) -> list[list[str]]:
                 _f(max(r["optax_ratio"] / r["bound_ratio"] for r in a)),
             ]
         )
+        mem = [r for r in a if "optax_clip_temp_mb" in r]
+        if mem:
+            rows.append(
+                [
+                    "train step: temporary memory over adamw's, MB (worst)",
+                    "small",
+                    _f(
+                        max(r["optax_clip_temp_mb"] - r["adamw_temp_mb"] for r in mem),
+                        1,
+                    ),
+                    _f(max(r["optax_temp_mb"] - r["adamw_temp_mb"] for r in mem), 1),
+                ]
+            )
     bc = results.get("bc") or []
     if bc:
         rows.append(
@@ -810,7 +832,9 @@ def write_report(path: Path, results: dict, meta: dict) -> None:
             "(one reduction pass over the gradients) / adamw: a global-norm clip "
             "must read every gradient before it can scale any, so no clip can go "
             "below it in this step, where the gradients are inputs (in a real "
-            "step XLA can fuse that read into the backward pass).",
+            "step XLA can fuse that read into the backward pass). temp MB: the "
+            "temporary memory each compiled step reserves (adamw / +optax_clip / "
+            "+optax; runs before this column existed show a dash).",
             "",
             *_table(
                 [
@@ -821,6 +845,7 @@ def write_report(path: Path, results: dict, meta: dict) -> None:
                     "optax_clip ratio",
                     "optax ratio",
                     "bound",
+                    "temp MB",
                 ],
                 [
                     [
@@ -831,6 +856,12 @@ def write_report(path: Path, results: dict, meta: dict) -> None:
                         _f(r["optax_clip_ratio"], 3),
                         _f(r["optax_ratio"], 3),
                         _f(r["bound_ratio"], 3),
+                        " / ".join(
+                            _f(r.get(f"{k}_temp_mb"), 1)
+                            for k in ("adamw", "optax_clip", "optax")
+                        )
+                        if "adamw_temp_mb" in r
+                        else "-",
                     ]
                     for r in a
                 ],

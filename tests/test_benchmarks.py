@@ -17,6 +17,7 @@ def test_tiny_run_writes_a_complete_report(tmp_path):
     assert "python -m benchmarks.run --tiny" in text
     (a,) = results["a"]
     assert a["adamw_ms"] > 0 and math.isfinite(a["optax_clip_ratio"])
+    assert a["optax_clip_temp_mb"] >= 0 and "temporary memory" in text
     (bc,) = results["bc"]
     assert bc["floor_ms"] > 0 and math.isfinite(bc["optax_ratio"])
     assert ("torch_ratio" in bc) == (run.torch_version() is not None)
