@@ -572,6 +572,13 @@ def _unit_power_sum(
     return branch_sum(total) if branch else jnp.sum(total)
 
 
+def _reduce_axes(ndim: int, axis: Any) -> tuple[int, ...]:
+    """``axis`` (None, an int or ints, possibly negative) as sorted axes."""
+    if axis is None:
+        return tuple(range(ndim))
+    return tuple(sorted({d % ndim for d in np.atleast_1d(axis).tolist()}))
+
+
 def _neumaier_add(x, y):
     (s1, c1), (s2, c2) = x, y
     t = s1 + s2
@@ -611,10 +618,7 @@ def branch_sum(a: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.A
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _compensated_sum(a: jax.Array, axis: Any) -> jax.Array:
-    if axis is None:
-        axes = tuple(range(a.ndim))
-    else:
-        axes = tuple(sorted({d % a.ndim for d in np.atleast_1d(axis).tolist()}))
+    axes = _reduce_axes(a.ndim, axis)
     zero = jnp.zeros((), a.dtype)
     total, comp = lax.reduce(
         (a, lax.full_like(a, 0)), (zero, zero), _neumaier_add, axes
@@ -628,9 +632,7 @@ def _compensated_sum_jvp(axis, primals, tangents):
     return _compensated_sum(a, axis), jnp.sum(t, axis=axis)
 
 
-def _branch_max(
-    xs: Sequence[jax.Array], axis: Any = None, keepdims: bool = False
-) -> jax.Array:
+def _branch_max(xs: Sequence[jax.Array], axis: Any = None) -> jax.Array:
     """``max_i max |x_i|`` (over ``axis``) for the rescaled branch; may drop NaN.
 
     One reduction with two outputs, ``max(x)`` and ``min(x)`` over the
@@ -649,47 +651,37 @@ def _branch_max(
     if not jnp.issubdtype(xs[0].dtype, jnp.floating):
         xs = [x.astype(acc) for x in xs]
     if all(_local(x) for x in xs):
-        return _extremes(tuple(xs), axis, keepdims).astype(acc)
+        return _extremes(tuple(xs), axis).astype(acc)
     # Possibly sharded: reductions the partitioner can combine across devices.
-    top = functools.reduce(
-        jnp.maximum, [jnp.max(x, axis, keepdims=keepdims) for x in xs]
-    )
-    bottom = functools.reduce(
-        jnp.minimum, [jnp.min(x, axis, keepdims=keepdims) for x in xs]
-    )
+    top = functools.reduce(jnp.maximum, [jnp.max(x, axis) for x in xs])
+    bottom = functools.reduce(jnp.minimum, [jnp.min(x, axis) for x in xs])
     return jnp.maximum(top.astype(acc), -bottom.astype(acc))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
-def _extremes(xs: tuple, axis: Any, keepdims: bool) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _extremes(xs: tuple, axis: Any) -> jax.Array:
     top, bottom = xs[0], xs[0]
     for x in xs[1:]:
         top, bottom = lax.max(top, x), lax.min(bottom, x)
-    if axis is None:
-        axes = tuple(range(top.ndim))
-    else:
-        axes = tuple(sorted({d % top.ndim for d in np.atleast_1d(axis).tolist()}))
+    axes = _reduce_axes(top.ndim, axis)
     inf = jnp.asarray(jnp.inf, top.dtype)
 
     def pick(u, v):
         return lax.max(u[0], v[0]), lax.min(u[1], v[1])
 
     hi, lo = lax.reduce((top, bottom), (-inf, inf), pick, axes)
-    out = lax.max(hi, lax.neg(lo))
-    if keepdims:
-        out = lax.expand_dims(out, axes)
-    return out
+    return lax.max(hi, lax.neg(lo))
 
 
 @_extremes.defjvp
-def _extremes_jvp(axis, keepdims, primals, tangents):
+def _extremes_jvp(axis, primals, tangents):
     (xs,), (ts,) = primals, tangents
 
     def reference(xs):  # the same value through differentiable jnp ops
         top = functools.reduce(jnp.maximum, [jnp.abs(x) for x in xs])
-        return jnp.max(top, axis=axis, keepdims=keepdims)
+        return jnp.max(top, axis=axis)
 
-    return _extremes(xs, axis, keepdims), jax.jvp(reference, (xs,), (ts,))[1]
+    return _extremes(xs, axis), jax.jvp(reference, (xs,), (ts,))[1]
 
 
 def _unit_max(xs: Sequence[jax.Array], *, branch: bool = False) -> jax.Array:
@@ -699,9 +691,9 @@ def _unit_max(xs: Sequence[jax.Array], *, branch: bool = False) -> jax.Array:
     """
     if branch:
         return _branch_max(xs)
-    top = _summand(xs[0], 1.0, branch=branch)
+    top = _summand(xs[0], 1.0)
     for x in xs[1:]:
-        top = lax.max(top, _summand(x, 1.0, branch=branch))
+        top = lax.max(top, _summand(x, 1.0))
     return _max_nonneg(top)
 
 
