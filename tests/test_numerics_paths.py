@@ -36,6 +36,13 @@ def ref_norm(leaves, p):
     return float(m * np.sum((flat / m) ** p) ** (1 / p))
 
 
+def assert_norm_gradient(g, t):
+    """``g`` is the gradient of the global 2-norm at ``t``: ``t / ||t||``."""
+    n = ref_norm(jax.tree.leaves(t), 2.0)
+    for gx, x in zip(jax.tree.leaves(g), jax.tree.leaves(t), strict=True):
+        np.testing.assert_allclose(gx, np.asarray(x, np.float64) / n, rtol=1e-5)
+
+
 def big_tree(seed=0, big=None):
     """Leaves that take every path: grouped, packed, alone, bf16, empty, None."""
     rng = np.random.default_rng(seed)
@@ -127,10 +134,7 @@ def test_paths_gradient(path):
     grad_norm = jax.jit(jax.grad(lambda t: num.global_norm(t, group_size=PATHS[path])))
     for scale in (1.0, 1e30):  # plain and rescaled regimes
         t = jax.tree.map(lambda x, s=scale: x * s, tree)
-        g = grad_norm(t)
-        n = ref_norm(jax.tree.leaves(t), 2.0)
-        for gx, x in zip(jax.tree.leaves(g), jax.tree.leaves(t), strict=True):
-            np.testing.assert_allclose(gx, np.asarray(x, np.float64) / n, rtol=1e-5)
+        assert_norm_gradient(grad_norm(t), t)
     zeros = jax.tree.map(jnp.zeros_like, tree)
     for p in P_TYPES:
         g = jax.jit(
@@ -441,3 +445,95 @@ def test_no_gradient_sized_temporaries(dtype):
         temp = fn.lower(g, state, g).compile().memory_analysis().temp_size_in_bytes
         # AGC: per-unit norms and scales (small, but not a few scalars).
         assert temp < (0.2 if name == "agc" else 0.05) * nbytes, (name, temp, nbytes)
+
+
+# --------------------------------------------------------------------------
+# Many mid-size leaves: the rescaled branch groups them (BRANCH_GROUP_SIZE).
+# --------------------------------------------------------------------------
+
+
+def _mid_tree(big=None, bad=False):
+    """More than BRANCH_GROUP_SIZE // 4 units of leaves reduced one by one."""
+    rng = np.random.default_rng(3)
+    tree = {
+        "bf16": [
+            jnp.asarray(rng.normal(size=(70, 70)), jnp.bfloat16) for _ in range(24)
+        ],
+        "f32": [
+            jnp.asarray(rng.normal(size=(16_500,)), jnp.float32) for _ in range(12)
+        ],
+        "other": jnp.asarray(rng.normal(size=(100, 170)), jnp.float32),
+        "c64": jnp.asarray(rng.normal(size=5000) + 1j * rng.normal(size=5000)),
+        "zero": jnp.zeros((70, 70), jnp.bfloat16),
+    }
+    tree["c64"] = tree["c64"].astype(jnp.complex64)
+    if big is not None:
+        tree["bf16"][5] = tree["bf16"][5].at[3, 4].set(big)
+        tree["f32"][7] = tree["f32"][7].at[11].set(-big / 3)
+    if bad:
+        tree["bf16"][9] = tree["bf16"][9].at[0, 0].set(jnp.nan)
+        tree["f32"][2] = tree["f32"][2].at[5].set(jnp.inf)
+    return tree
+
+
+def test_branch_groups_mid_size_leaves():
+    leaves = jax.tree.leaves(_mid_tree())
+    axes = [()] * len(leaves)
+    units = num._units(*num._pack(leaves, axes), num.GROUP_SIZE)
+    assert len(units) > num.BRANCH_GROUP_SIZE // 4
+    grouped = num._units(leaves, axes, num.BRANCH_GROUP_SIZE, np.inf, narrow=True)
+    assert len(grouped) == 4  # bf16 (and the zero leaf), f32, other, c64
+    row_units = num._row_units(leaves, axes)
+    groups, positions, perm = num._branch_groups(row_units)
+    assert len(groups) == 4 and perm is not None
+    assert sorted(j for pos in positions for j in pos) == list(range(len(leaves)))
+
+
+@pytest.mark.parametrize("p", P_TYPES)
+@pytest.mark.parametrize("big", [None, 1e30, 3e37, 1e-40])
+def test_branch_groups_match_numpy(p, big):
+    tree = _mid_tree(big)
+    leaves = jax.tree.leaves(tree)
+    want = ref_norm(leaves, p)
+    np.testing.assert_allclose(float(_norm(tree, p)), want, rtol=2e-6, atol=0)
+    got = _leaf_norms(tree, p)
+    for x, n in zip(leaves, got, strict=True):
+        np.testing.assert_allclose(float(n), ref_norm([x], p), rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("p", P_TYPES)
+def test_branch_groups_nonfinite(p):
+    tree = _mid_tree(big=1e30, bad=True)
+    leaves = jax.tree.leaves(tree)
+    assert np.isnan(float(_norm(tree, p)))
+    got = np.asarray([float(n) for n in _leaf_norms(tree, p)])
+    nan_at = [i for i, x in enumerate(leaves) if x is tree["bf16"][9]][0]
+    inf_at = [i for i, x in enumerate(leaves) if x is tree["f32"][2]][0]
+    assert np.isnan(got[nan_at]) and got[inf_at] == np.inf
+    good = np.delete(np.arange(len(leaves)), [nan_at, inf_at])
+    want = np.asarray([ref_norm([leaves[i]], p) for i in good])
+    np.testing.assert_allclose(got[good], want, rtol=2e-6)
+
+
+def test_branch_groups_gradient():
+    tree = _mid_tree()
+    tree = {k: v for k, v in tree.items() if k in ("bf16", "f32", "other")}
+    tree["bf16"] = [x.astype(jnp.float32) for x in tree["bf16"]]
+    assert len(num._row_units(jax.tree.leaves(tree), [()] * 37)) > 16
+    # Per-leaf: d(sum_i w_i ||x_i||)/dx_i = w_i x_i / ||x_i||.
+    w = np.arange(1.0, 38.0)
+
+    def weighted(t):
+        return jnp.dot(num.leaf_norm_vector(t), jnp.asarray(w, jnp.float32))
+
+    grad_global = jax.jit(jax.grad(num.global_norm))
+    grad_weighted = jax.jit(jax.grad(weighted))
+    for scale in (1.0, 1e30):  # plain and rescaled regimes
+        t = jax.tree.map(lambda x, s=scale: x * s, tree)
+        assert_norm_gradient(grad_global(t), t)
+        g = grad_weighted(t)
+        pairs = zip(jax.tree.leaves(g), jax.tree.leaves(t), strict=True)
+        for i, (gx, x) in enumerate(pairs):
+            x = np.asarray(x, np.float64)
+            want = w[i] * x / ref_norm([x], 2.0)
+            np.testing.assert_allclose(gx, want, rtol=1e-5, atol=1e-30)
