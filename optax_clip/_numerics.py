@@ -433,6 +433,14 @@ def _known_layout(x: Any, auto_context: bool) -> tuple | None:
         return None
 
 
+def _local_layout(x: Any, auto_context: bool) -> tuple | None:
+    """:func:`_known_layout` of ``x`` if it is local or replicated, else None."""
+    layout = _known_layout(x, auto_context)
+    if layout and any(part is not None for part in layout[1]):
+        return None  # sharded along some axis
+    return layout
+
+
 def _pack(
     leaves: Sequence[Any], leaf_axes: Sequence[tuple]
 ) -> tuple[list[jax.Array], list[tuple]]:
@@ -452,9 +460,7 @@ def _pack(
         x = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
         layout = None
         if 0 < x.size <= min(PACK_MAX_LEAF, budget):
-            layout = _known_layout(x, False)
-            if layout and any(part is not None for part in layout[1]):
-                layout = None  # sharded along some axis
+            layout = _local_layout(x, False)
         if layout is None:
             out.append(x)
             out_axes.append(ax)
@@ -606,10 +612,7 @@ def _local(x: jax.Array) -> bool:
     :func:`_branch_max`) are only used on such arrays: the SPMD partitioner
     cannot combine them across devices and would all-gather a sharded one.
     """
-    layout = _known_layout(x, _auto_context())
-    if layout is None:
-        return False
-    return layout == () or all(part is None for part in layout[1])
+    return _local_layout(x, _auto_context()) is not None
 
 
 def branch_sum(a: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.Array:
@@ -879,9 +882,7 @@ def _row_units(
     for i, (x, ax) in enumerate(zip(leaves, leaf_axes, strict=True)):
         layout = None
         if not auto and 0 < x.size <= PACK_MAX_LEAF:
-            layout = _known_layout(x, False)
-            if layout and any(part is not None for part in layout[1]):
-                layout = None  # sharded along some axis
+            layout = _local_layout(x, False)
         if layout is None:
             units.append((x, [i], ax, False))
             continue
@@ -971,8 +972,8 @@ def _branch_groups(units):
         auto = _auto_context()
         open_groups: dict[Any, list[int]] = {}
         for u, (x, _, ax, stacked) in enumerate(units):
-            layout = None if auto or stacked else _known_layout(x, False)
-            if layout is None or (layout and any(p is not None for p in layout[1])):
+            layout = None if auto or stacked else _local_layout(x, False)
+            if layout is None:
                 groups.append([u])  # stacked, or may be sharded
                 continue
             vary = _varying_axes(x) if ax else frozenset()
