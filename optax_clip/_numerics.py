@@ -398,6 +398,11 @@ PACK_CHUNK = 64
 BRANCH_GROUP_SIZE = 64
 
 
+def _regroup_branch(n_units: int) -> bool:
+    """Whether a rescaled branch of ``n_units`` reductions regroups them."""
+    return n_units > BRANCH_GROUP_SIZE // 4
+
+
 def _auto_context() -> bool:
     """Whether the enclosing mesh context (``jax.set_mesh``) has Auto axes."""
     try:
@@ -810,7 +815,7 @@ def global_norm(
     def rescaled(total):
         del total
         big = units
-        if len(units) > BRANCH_GROUP_SIZE // 4:
+        if _regroup_branch(len(units)):
             flat = [(x, ax) for xs, ax in units for x in xs]
             big = _units(
                 [x for x, _ in flat],
@@ -966,7 +971,7 @@ def _branch_groups(units):
     """
     offsets = np.cumsum([0] + [len(idx) for _, idx, _, _ in units]).tolist()
     groups: list[list[int]] = []
-    if len(units) <= BRANCH_GROUP_SIZE // 4:
+    if not _regroup_branch(len(units)):
         groups = [[u] for u in range(len(units))]
     else:
         auto = _auto_context()
@@ -1171,7 +1176,8 @@ def unitwise_norms(
         return out  # type: ignore[return-value]
     sums = []
     for _, a, ax in todo:
-        b = a if a.dtype == accumulation_dtype(a.dtype) else a.astype(jnp.float32)
+        acc = accumulation_dtype(a.dtype)
+        b = a if a.dtype == acc else a.astype(acc)
         sums.append(jnp.sum(b * b, axis=ax, keepdims=True))
     # Two plain reductions (YNNPACK on XLA:CPU, which fuses a bf16
     # conversion into them; a fused two-output reduction did not, and the
