@@ -389,12 +389,15 @@ PACK_CHUNK = 64
 #: Inside the rescaled branch (a ``lax.cond`` that rarely runs), when there
 #: are more than a quarter this many reduction units, up to this many
 #: same-shape local leaves of any size and float dtype share one fused
-#: reduction (one output per leaf for per-leaf norms). XLA:CPU's conditional
-#: costs time on every step with thousands of kernels in a branch, even the
-#: one it does not take (measured, the global norm of 2048 bf16 leaves of
-#: 4864 values: 19.5 ms per step with one reduction per leaf in the branch,
-#: 9.6 ms grouped, 9.2 ms without the branch). The branch's reductions fuse
-#: their elementwise inputs, so grouping adds no temporary buffer.
+#: reduction (one output per leaf for per-leaf norms). An untaken branch
+#: still costs host time on every call: XLA:CPU's per-call work grows with the
+#: program's buffer allocations, most of them values inside the branch's
+#: reductions (measured, the global norm of 2048 bf16 leaves of 4864 values:
+#: 19.5 ms per step with one reduction per leaf in the branch, 9.6 ms grouped,
+#: 9.2 ms without the branch). Per-leaf norms still need about 21 allocations
+#: per leaf, grouped or not (``clip_by_block_norm`` there: 53K allocations,
+#: about 1.3x the clip without the branch). The branch's reductions fuse their
+#: elementwise inputs, so grouping adds no temporary buffer.
 BRANCH_GROUP_SIZE = 64
 
 
