@@ -962,6 +962,19 @@ def _row_max(x, stacked, dtype, *, branch=False):
     return top.astype(dtype)
 
 
+def _inverse_order(order: list[int]) -> np.ndarray | None:
+    """Indices that put a vector listed in ``order`` back in index order.
+
+    ``order`` is a permutation of ``range(len(order))``; None if it is the
+    identity (no gather needed).
+    """
+    if order == list(range(len(order))):
+        return None
+    inverse = np.empty(len(order), np.int32)
+    inverse[np.asarray(order)] = np.arange(len(order), dtype=np.int32)
+    return inverse
+
+
 def _branch_groups(units):
     """Groups of :func:`_row_units` units for the rescaled branch.
 
@@ -993,12 +1006,7 @@ def _branch_groups(units):
     positions = [
         [j for u in g for j in range(offsets[u], offsets[u + 1])] for g in groups
     ]
-    order = [j for pos in positions for j in pos]
-    if order == list(range(len(order))):
-        return groups, positions, None
-    inverse = np.empty(len(order), np.int32)
-    inverse[np.asarray(order)] = np.arange(len(order), dtype=np.int32)
-    return groups, positions, inverse
+    return groups, positions, _inverse_order([j for pos in positions for j in pos])
 
 
 def _row_sums_each(xs, p, factors, dtype):
@@ -1035,14 +1043,8 @@ def leaf_norm_vector(
         return jnp.zeros((0,), dtype)
     units = _row_units(leaves, _leaf_axes(leaves, axis_name))
     unit_axes = [ax for _, _, ax, _ in units]
-    order = [i for _, idx, _, _ in units for i in idx]
     # Entry j of the unit-order vectors below is leaf order[j].
-    if order == sorted(order):
-        to_leaf_order = None
-    else:
-        position = np.empty(len(order), np.int32)
-        position[np.asarray(order)] = np.arange(len(order), dtype=np.int32)
-        to_leaf_order = position
+    to_leaf_order = _inverse_order([i for _, idx, _, _ in units for i in idx])
 
     def finish(vec):
         return vec if to_leaf_order is None else vec[to_leaf_order]
