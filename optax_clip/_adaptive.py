@@ -9,7 +9,9 @@ Every transform is built on the shared pipeline: norms from ``_numerics``
 the scale applied by ``_core`` under the non-finite policy, and the statistics
 recorded in a :class:`optax_clip.ClipStats`. States are fixed-shape arrays, so
 they are checkpointable and can be the carry of :func:`jax.lax.scan`. A step
-whose updates hold a NaN or Inf never changes the adaptive statistics.
+whose updates hold a NaN or Inf never changes the adaptive statistics, nor
+does a step whose traced hyper-parameters (``optax.inject_hyperparams`` under
+``jit``) are out of range: its update is NaN instead.
 """
 
 from __future__ import annotations
@@ -22,50 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_clip import _core, _numerics
+from optax_clip import _core, _numerics, _validation
 from optax_clip._stats import ClipStats, init_clip_stats
 
 _F32 = jnp.float32
 _I32 = jnp.int32
-
-
-def _static_int(name: str, value: Any, *, minimum: int) -> int:
-    """A Python int for an argument that fixes the shape of the state."""
-    if _core.is_traced(value):
-        raise TypeError(
-            f"{name} fixes the shape of the state and cannot be traced. With "
-            f"optax.inject_hyperparams, pass static_args=({name!r},)."
-        )
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an integer, got {value!r}.")
-    arr = np.asarray(value)
-    if arr.shape != () or not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{name} must be an integer, got {value!r}.")
-    out = int(arr)
-    if out < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {out}.")
-    return out
-
-
-def _check_count(name: str, value: Any, *, minimum: int) -> None:
-    """Validates an integer count that may be traced (not shape-fixing)."""
-    if _core.is_traced(value):
-        return
-    x = _core.check_real(name, value, allow_inf=False)
-    if x is not None and (x != math.floor(x) or x < minimum):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-
-
-def _check_positive(name: str, value: Any) -> None:
-    x = _core.check_real(name, value)
-    if x is not None and not x > 0:
-        raise ValueError(f"{name} must be > 0, got {x}.")
-
-
-def _choice(name: str, value: Any, options: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value.lower() not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}.")
-    return value.lower()
 
 
 def _finite_increment(count: jax.Array, finite: jax.Array) -> jax.Array:
@@ -130,7 +93,7 @@ def autoclip(
     max_norm: jax.typing.ArrayLike = math.inf,
     norm_type: Any = "l2",
     *,
-    nonfinite: _core.NonFinitePolicy = "propagate",
+    nonfinite: _validation.NonFinitePolicy = "propagate",
     axis_name: Any = None,
 ) -> optax.GradientTransformation:
     r"""Clips to a percentile of the recent global norms (AutoClip).
@@ -190,12 +153,14 @@ def autoclip(
       Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
       Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020
     """
-    p = _numerics.canonical_norm_type(norm_type)
-    _core.check_in_range("percentile", percentile, 0.0, 100.0, closed_high=True)
-    size = _static_int("history", history, minimum=1)
-    _core.check_nonnegative("max_norm", max_norm)
-    policy = _core.check_policy(nonfinite)
-    axes = _numerics.canonical_axis_name(axis_name)
+    p = _validation.norm_type(norm_type)
+    valid = _validation.all_valid(
+        _validation.in_range("percentile", percentile, 0.0, 100.0, closed_high=True),
+        _validation.nonnegative("max_norm", max_norm),
+    )
+    size = _validation.static_int("history", history, minimum=1)
+    policy = _validation.policy(nonfinite)
+    axes = _validation.axis_name(axis_name)
 
     def init_fn(params):
         del params
@@ -210,22 +175,27 @@ def autoclip(
     def update_fn(updates, state, params=None):
         del params
         norm = _numerics.global_norm(updates, p, axes)
-        finite = jnp.isfinite(norm)
+        # A step with an out-of-range traced hyper-parameter is NaN and, like
+        # a non-finite one, leaves the history alone.
+        finite = jnp.isfinite(norm) & valid
         n32 = jnp.where(finite, norm, 0).astype(_F32)
         buf = state.norm_history.at[state.history_pos].set(n32)
         count = jnp.minimum(state.history_len + 1, size)
         level = _linear_percentile(buf, count, percentile)
         level = jnp.minimum(level, _core.threshold_array(max_norm, _F32))
+        level = _validation.nan_unless(valid, level)
         # Compare in float32 (the history's dtype): a norm equal to the level
         # is never clipped, also for float64 gradients.
         thr = jnp.where(n32 <= level, jnp.maximum(norm, level), level)
-        threshold = jnp.maximum(thr.astype(norm.dtype), 0)
+        threshold = _validation.nan_unless(valid, thr.astype(norm.dtype))
         applied = _core.apply_global(updates, norm, threshold, policy)
-        valid = jnp.arange(size) < count
-        below = jnp.sum((valid & (buf <= n32)).astype(_F32))
+        in_buf = jnp.arange(size) < count
+        below = jnp.sum((in_buf & (buf <= n32)).astype(_F32))
         rank = jnp.where(finite, 100.0 * below / count.astype(_F32), 100.0)
         shown = jnp.where(finite, level, state.clip_stats.clip_threshold)
-        stats = _core.record(state.clip_stats, applied, shown)
+        stats = _core.record(
+            state.clip_stats, applied, _validation.nan_unless(valid, shown)
+        )
         new_state = AutoClipState(
             clip_stats=stats,
             norm_history=jnp.where(finite, buf, state.norm_history),
@@ -286,7 +256,7 @@ def zclip(
     eps: jax.typing.ArrayLike = 1e-6,
     *,
     freeze_ema_on_spike: bool = False,
-    nonfinite: _core.NonFinitePolicy = "propagate",
+    nonfinite: _validation.NonFinitePolicy = "propagate",
     axis_name: Any = None,
 ) -> optax.GradientTransformation:
     r"""Clips norm spikes detected by a z-score against an EMA (ZClip).
@@ -373,18 +343,21 @@ def zclip(
       Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
       <https://arxiv.org/abs/2504.02507>`_, 2025
     """
-    _core.check_in_range("alpha", alpha, 0.0, 1.0)
-    _check_positive("z_thresh", z_thresh)
-    _check_count("warmup_steps", warmup_steps, minimum=1)
-    _core.check_nonnegative("max_norm", max_norm)
-    mode = _choice("mode", mode, ("zscore", "percentile"))
-    clip_option = _choice("clip_option", clip_option, ("adaptive_scaling", "mean"))
-    _check_positive("clip_factor", clip_factor)
-    _core.check_nonnegative("eps", eps)
-    if not isinstance(freeze_ema_on_spike, (bool, np.bool_)):
-        raise TypeError("freeze_ema_on_spike must be a bool.")
-    policy = _core.check_policy(nonfinite)
-    axes = _numerics.canonical_axis_name(axis_name)
+    valid = _validation.all_valid(
+        _validation.in_range("alpha", alpha, 0.0, 1.0),
+        _validation.positive("z_thresh", z_thresh),
+        _validation.count("warmup_steps", warmup_steps, minimum=1),
+        _validation.nonnegative("max_norm", max_norm),
+        _validation.positive("clip_factor", clip_factor),
+        _validation.nonnegative("eps", eps),
+    )
+    mode = _validation.choice("mode", mode, ("zscore", "percentile"))
+    clip_option = _validation.choice(
+        "clip_option", clip_option, ("adaptive_scaling", "mean")
+    )
+    freeze_ema_on_spike = _validation.flag("freeze_ema_on_spike", freeze_ema_on_spike)
+    policy = _validation.policy(nonfinite)
+    axes = _validation.axis_name(axis_name)
 
     def init_fn(params):
         del params
@@ -400,9 +373,10 @@ def zclip(
     def update_fn(updates, state, params=None):
         del params
         norm = _numerics.global_norm(updates, 2.0, axes)
-        finite = jnp.isfinite(norm)
+        # An out-of-range traced hyper-parameter: a NaN step, EMAs untouched.
+        finite = jnp.isfinite(norm) & valid
         n = jnp.where(finite, norm, 0).astype(_F32)
-        cap = _core.threshold_array(max_norm, _F32)
+        cap = _core.threshold_array(max_norm, _F32, valid)
         a = jnp.asarray(alpha, _F32)
         zt = jnp.asarray(z_thresh, _F32)
         mean, var = state.norm_mean, state.norm_var
@@ -431,6 +405,7 @@ def zclip(
         # Apply and record.
         applied = _core.apply_global(updates, norm, clip_to.astype(norm.dtype), policy)
         shown = jnp.where(finite, shown, state.clip_stats.clip_threshold)
+        shown = _validation.nan_unless(valid, shown)
         stats = _core.record(state.clip_stats, applied, shown)
 
         # Next statistics: Welford during warm-up, EMAs of the clipped norm after.
@@ -508,7 +483,7 @@ def adagc(
     beta: jax.typing.ArrayLike = 0.99,
     warmup_steps: jax.typing.ArrayLike = 100,
     *,
-    nonfinite: _core.NonFinitePolicy = "propagate",
+    nonfinite: _validation.NonFinitePolicy = "propagate",
     axis_name: Any = None,
 ) -> optax.GradientTransformation:
     r"""Per-tensor clipping against an EMA of each tensor's clipped norm (AdaGC).
@@ -578,12 +553,14 @@ def adagc(
       Wang et al., `AdaGC: Enhancing LLM Pretraining Stability via Adaptive
       Gradient Clipping <https://arxiv.org/abs/2502.11034>`_, 2025
     """
-    _core.check_nonnegative("max_norm", max_norm)
-    _check_positive("clip_ratio", clip_ratio)
-    _core.check_in_range("beta", beta, 0.0, 1.0)
-    _check_count("warmup_steps", warmup_steps, minimum=0)
-    policy = _core.check_policy(nonfinite)
-    axes = _numerics.canonical_axis_name(axis_name)
+    valid = _validation.all_valid(
+        _validation.nonnegative("max_norm", max_norm),
+        _validation.positive("clip_ratio", clip_ratio),
+        _validation.in_range("beta", beta, 0.0, 1.0),
+        _validation.count("warmup_steps", warmup_steps, minimum=0),
+    )
+    policy = _validation.policy(nonfinite)
+    axes = _validation.axis_name(axis_name)
 
     def init_fn(params):
         return AdaGCState(
@@ -613,29 +590,32 @@ def adagc(
         # scalar arithmetic would be several tiny kernels per leaf.
         n = norms.astype(_F32)
         gnorm = _numerics.norm_of_values(n, 2.0)
-        finite = jnp.isfinite(gnorm)
+        # An out-of-range traced hyper-parameter: a NaN step, EMAs untouched.
+        finite = jnp.isfinite(gnorm) & valid
         steps = state.adagc_steps
         warm = steps < jnp.asarray(warmup_steps, _I32)
         first = steps == 0
-        cap = _core.threshold_array(max_norm, _F32)
+        cap = _core.threshold_array(max_norm, _F32, valid)
         num, den, _ = _core.clip_factor(gnorm, cap)
-        h = num / den  # the warm-up global scale
+        # n * min(1, cap / gnorm), the warm-up global clip of each tensor's
+        # norm, computed so that a tiny global scale does not underflow.
+        warm_norms = _core.divide_by_scalar(n, den) * num
         ratio = jnp.asarray(clip_ratio, _F32)
         b = jnp.asarray(beta, _F32)
 
         ref = jnp.where(first, n, gammas)  # warmup_steps=0: start from the norm
         local = ratio * ref
-        thresholds = jnp.where(warm, n * h, local)
-        warm_gamma = jnp.where(first, n * h, jnp.minimum(gammas, n * h))
+        thresholds = jnp.where(warm, warm_norms, local)
+        warm_gamma = jnp.where(first, warm_norms, jnp.minimum(gammas, warm_norms))
         ema = b * ref + (1 - b) * jnp.minimum(n, local)
         new_gammas = jnp.where(finite, jnp.where(warm, warm_gamma, ema), gammas)
         n_clipped = jnp.sum((~warm & (n > local)).astype(_I32))
 
-        applied = _core.apply_per_leaf(
-            updates, norms, thresholds.astype(norms.dtype), policy, 2.0
-        )
+        thresholds = _validation.nan_unless(valid, thresholds.astype(norms.dtype))
+        applied = _core.apply_per_leaf(updates, norms, thresholds, policy, 2.0)
         shown = jnp.where(warm, cap, _numerics.norm_of_values(thresholds, 2.0))
         shown = jnp.where(finite, shown, state.clip_stats.clip_threshold)
+        shown = _validation.nan_unless(valid, shown)
         stats = _core.record(state.clip_stats, applied, shown)
         new_state = AdaGCState(
             clip_stats=stats,
@@ -670,13 +650,21 @@ class AdaptiveGradClipState(NamedTuple):
     _stats_fields = ("clipped_units",)
 
 
-def _unit_axes(shape: tuple[int, ...], axis: Any) -> tuple[int, ...]:
+def _unit_axes(shape: tuple[int, ...], axis: tuple[int, ...] | None):
     """Reduction axes of one unit (the NFNets / optax conventions)."""
     ndim = len(shape)
+    if axis is not None:
+        if any(not -ndim <= a < ndim for a in axis):
+            raise ValueError(
+                f"adaptive_grad_clip: axis {axis} is out of bounds for a "
+                f"parameter of shape {shape}."
+            )
+        axes = tuple(sorted({a % ndim for a in axis}))
+        if len(axes) != len(axis):
+            raise ValueError(f"adaptive_grad_clip: repeated axis in {axis}.")
+        return axes
     if ndim == 0:
         return ()
-    if axis is not None:
-        return tuple(a % max(ndim, 1) for a in axis)
     if sum(d != 1 for d in shape) <= 1:  # scalars and (squeezed) vectors
         return tuple(range(ndim))
     if ndim in (2, 3):  # linear (in, out) and multi-head linear kernels
@@ -696,7 +684,7 @@ def adaptive_grad_clip(
     eps: jax.typing.ArrayLike = 1e-3,
     axis: int | tuple[int, ...] | None = None,
     *,
-    nonfinite: _core.NonFinitePolicy = "propagate",
+    nonfinite: _validation.NonFinitePolicy = "propagate",
 ) -> optax.GradientTransformation:
     r"""Clips each unit's gradient relative to the unit's parameter norm (AGC).
 
@@ -726,7 +714,11 @@ def adaptive_grad_clip(
       NaN, the others are clipped normally; ``"zero_update"``: the whole step
       becomes zeros) and the statistics in the state;
     * a clear ``ValueError`` when ``params`` is missing or is not shaped like
-      the updates.
+      the updates, or when ``axis`` is out of bounds for a leaf (it is never
+      wrapped around);
+    * a unit whose *parameters* hold a NaN or Inf is handled like a unit whose
+      gradient does (the model is already corrupt, and the step is flagged in
+      ``is_nonfinite``); ``clipping=inf`` never clips.
 
     Under ``pmap``/``shard_map`` the unit norms are those of the local shard;
     use ``jit`` with sharded arrays for global ones.
@@ -761,10 +753,12 @@ def adaptive_grad_clip(
       Brock et al., `High-Performance Large-Scale Image Recognition Without
       Normalization <https://arxiv.org/abs/2102.06171>`_, 2021
     """
-    _core.check_nonnegative("clipping", clipping)
-    _core.check_nonnegative("eps", eps)
+    valid = _validation.all_valid(
+        _validation.nonnegative("clipping", clipping),
+        _validation.nonnegative("eps", eps),
+    )
     if axis is not None:
-        if _core.is_traced(axis):
+        if _validation.is_traced(axis):
             raise TypeError(
                 "axis must be static; with optax.inject_hyperparams pass "
                 "static_args=('axis',)."
@@ -772,7 +766,7 @@ def adaptive_grad_clip(
         axis = (axis,) if not isinstance(axis, (tuple, list)) else tuple(axis)
         if not all(isinstance(a, int) and not isinstance(a, bool) for a in axis):
             raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}.")
-    policy = _core.check_policy(nonfinite)
+    policy = _validation.policy(nonfinite)
 
     def init_fn(params):
         del params
@@ -797,6 +791,7 @@ def adaptive_grad_clip(
                     "adaptive_grad_clip: each parameter must have the shape of its "
                     f"update; got {jnp.shape(p)} for an update of {jnp.shape(g)}."
                 )
+        _validation.float_leaves(updates)
         if not g_leaves:
             zero = jnp.zeros((), _F32)
             applied = _core.Applied(updates, zero, zero, zero + 1, zero > 0, zero > 0)
@@ -806,51 +801,22 @@ def adaptive_grad_clip(
         unit_axes = [_unit_axes(jnp.shape(g), axis) for g in g_leaves]
         norms = _numerics.unitwise_norms(g_leaves + p_leaves, unit_axes * 2)
         g_norms, p_norms = norms[: len(g_leaves)], norms[len(g_leaves) :]
-        units = []
-        for g, gn, pn in zip(g_leaves, g_norms, p_norms, strict=True):
-            pn = pn.astype(gn.dtype)
-            floor = jnp.maximum(pn, jnp.asarray(eps, gn.dtype))
-            thr = jnp.maximum(jnp.asarray(clipping, gn.dtype) * floor, 0)
-            bad = ~jnp.isfinite(gn) | ~jnp.isfinite(thr)
-            units.append((g, gn, thr, bad))
-        any_bad = jnp.any(jnp.stack([jnp.any(u[3]) for u in units]))
-        out, pre, post, limits, scales, n_clipped = [], [], [], [], [], []
-        for g, gn, thr, bad in units:
-            num, den, clipped = _core.clip_factor(gn, thr)
-            scale = _core.make_scale(num, den)
-            if policy == "zero_update":
-                zero = jnp.broadcast_to(any_bad, gn.shape)
-                fill = 0.0
-            else:
-                zero, fill = bad, jnp.nan
-            value = jnp.where(zero, fill, scale.value)
-            scale = _core.Scale(value, jnp.where(zero, fill, scale.hi), scale.lo)
-            y = _core.scale_leaf(g, scale)
-            if policy == "zero_update":
-                zeros = jax.lax.full_like(y, 0)
-                y = _core.select_bits(zero, zeros, y)
-            out.append(y)
-            pre.append(jnp.ravel(gn).astype(_F32))
-            post.append(jnp.ravel(jnp.where(zero, value, gn * value)).astype(_F32))
-            limits.append(jnp.ravel(thr).astype(_F32))
-            # -max(-x): a NaN scale survives the cross-device reduction.
-            scales.append(-_numerics._nan_max(-value).astype(_F32))
-            n_clipped.append(jnp.sum((clipped & ~bad).astype(_I32)))
-        total_clipped = sum(n_clipped)
-        # Global pre-clip, post-clip and threshold norms from the unit norms,
-        # the three in one overflow-safe pass.
-        rows = jnp.stack([jnp.concatenate(v) for v in (pre, post, limits)])
-        pre_norm, post_norm, shown = _numerics.unitwise_norms([rows], [(1,)])[0][:, 0]
-        applied = _core.Applied(
-            jax.tree.unflatten(g_def, out),
-            pre_norm,
-            post_norm,
-            jnp.min(jnp.stack(scales)),
-            total_clipped > 0,
-            any_bad,
-        )
+        limits = []
+        for gn, pn in zip(g_norms, p_norms, strict=True):
+            floor = jnp.maximum(pn.astype(gn.dtype), jnp.asarray(eps, gn.dtype))
+            # lambda * 0 is 0, also for lambda = inf.
+            limit = jnp.where(floor > 0, jnp.asarray(clipping, gn.dtype) * floor, 0)
+            limits.append(_validation.nan_unless(valid, limit))
+        # A unit whose parameters hold a NaN or Inf is handled like one whose
+        # gradient does: the model is already corrupt, and the step says so.
+        bad = [
+            ~jnp.isfinite(gn) | ~jnp.isfinite(pn)
+            for gn, pn in zip(g_norms, p_norms, strict=True)
+        ]
+        applied, clipped = _core.apply_per_unit(updates, g_norms, limits, bad, policy)
+        shown = _numerics.norm_of_arrays(limits, 2.0)
         stats = _core.record(state.clip_stats, applied, shown)
-        return applied.updates, AdaptiveGradClipState(stats, total_clipped)
+        return applied.updates, AdaptiveGradClipState(stats, clipped)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -914,7 +880,8 @@ def suggest_max_norm(
       ``explanation`` says how it was chosen.
 
     Raises:
-      ValueError: for an out-of-range argument, or when no finite norm is left.
+      ValueError: for an out-of-range argument, a negative norm, or when no
+        finite norm is left.
 
     Example:
       >>> import numpy as np, optax_clip
@@ -935,6 +902,11 @@ def suggest_max_norm(
     values = np.asarray(jax.device_get(norms), np.float64).ravel()
     if values.size == 0:
         raise ValueError("suggest_max_norm needs at least one recorded norm.")
+    if np.any(values < 0):
+        raise ValueError(
+            "suggest_max_norm: norms are >= 0; got a negative value (are these "
+            "losses or log-norms rather than pre-clip norms?)."
+        )
     skip = int(math.floor(discard_first * values.size))
     kept = values[skip:]
     finite = kept[np.isfinite(kept)]

@@ -2,107 +2,23 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from optax_clip import _numerics
+from optax_clip import _numerics, _validation
 from optax_clip._stats import ClipStats, update_clip_stats
-
-NonFinitePolicy = Literal["propagate", "zero_update"]
-NONFINITE_POLICIES = ("propagate", "zero_update")
-
-
-# --------------------------------------------------------------------------
-# Construction-time validation. Traced values (inject_hyperparams under jit)
-# cannot be checked in Python and are let through; concrete values are.
-# --------------------------------------------------------------------------
-
-
-def is_traced(value: Any) -> bool:
-    """True for values whose number is not known in Python (JAX tracers)."""
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(value))
-
-
-def _as_scalar(name: str, value: Any) -> float | None:
-    if callable(value) and not hasattr(value, "__array__"):
-        raise TypeError(
-            f"{name} must be a number, got a callable. To follow a schedule, "
-            "wrap the transform with optax.inject_hyperparams."
-        )
-    if value is None or isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a real number, got {value!r}.")
-    if is_traced(value):
-        return None
-    try:
-        arr = np.asarray(value)
-    except Exception as err:  # pragma: no cover - exotic inputs
-        raise TypeError(f"{name} must be a real number, got {value!r}.") from err
-    if arr.shape != ():
-        raise ValueError(f"{name} must be a scalar, got an array of shape {arr.shape}.")
-    if not (
-        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
-    ):
-        raise TypeError(f"{name} must be a real number, got {value!r}.")
-    x = float(arr)
-    if math.isnan(x):
-        raise ValueError(f"{name} must not be NaN.")
-    return x
-
-
-def check_nonnegative(name: str, value: Any, *, allow_inf: bool = True) -> None:
-    """Raises unless ``value`` is a real scalar >= 0 (or traced)."""
-    x = _as_scalar(name, value)
-    if x is None:
-        return
-    if x < 0:
-        raise ValueError(f"{name} must be >= 0, got {x}.")
-    if not allow_inf and math.isinf(x):
-        raise ValueError(f"{name} must be finite, got {x}.")
-
-
-def check_real(name: str, value: Any, *, allow_inf: bool = True) -> float | None:
-    """Raises unless ``value`` is a real, non-NaN scalar; returns it if concrete."""
-    x = _as_scalar(name, value)
-    if x is not None and not allow_inf and math.isinf(x):
-        raise ValueError(f"{name} must be finite, got {x}.")
-    return x
-
-
-def check_in_range(
-    name: str, value: Any, low: float, high: float, *, closed_high: bool = False
-) -> None:
-    """Raises unless ``low <= value < high`` (``<= high`` if ``closed_high``)."""
-    x = _as_scalar(name, value)
-    if x is None:
-        return
-    ok = low <= x <= high if closed_high else low <= x < high
-    if not ok:
-        bracket = "]" if closed_high else ")"
-        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {x}.")
-
-
-def check_policy(nonfinite: Any) -> str:
-    """Validates a non-finite policy name."""
-    if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(
-            f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}."
-        )
-    return nonfinite
-
 
 # --------------------------------------------------------------------------
 # Decide and apply.
 # --------------------------------------------------------------------------
 
 
-def threshold_array(value: Any, dtype: Any) -> jax.Array:
-    """A (traced or concrete) threshold as a scalar; negative values become 0."""
-    return jnp.maximum(jnp.asarray(value, dtype).reshape(()), 0)
+def threshold_array(value: Any, dtype: Any, valid: _validation.Valid = True):
+    """A (traced or concrete) threshold as a scalar; NaN unless ``valid``."""
+    return _validation.nan_unless(valid, _validation.scalar_array(value, dtype))
 
 
 def clip_factor(
@@ -123,11 +39,14 @@ def clip_factor(
 
 
 class Scale(NamedTuple):
-    """A scale ``value = hi * lo`` applied to every element as ``x * hi * lo``.
+    """A scale ``num / den`` applied to every element as ``(x * hi) * lo``.
 
-    Splitting it keeps both factors normal floats when ``value`` itself would
-    be subnormal (flushed to 0): clipping a float32 gradient of norm 3e38 to 1
-    needs a scale of 3e-39. ``lo`` is 1 whenever ``value`` is a normal float.
+    Both factors are normal floats even when the scale itself is not
+    (subnormals are flushed to 0): clipping a float32 gradient of norm 3e38 to
+    1 needs a scale of 3e-39, to 1e-20 one of 3e-59. ``lo`` is 1 whenever the
+    scale is a normal float. ``value`` is the scale as reported in the
+    statistics: a positive scale below the smallest normal float reads as that
+    float (``tiny``), never as 0.
     """
 
     value: jax.Array
@@ -136,14 +55,33 @@ class Scale(NamedTuple):
 
 
 def make_scale(num: jax.Array, den: jax.Array) -> Scale:
-    """The :class:`Scale` ``num / den`` (``den > 0``), safe from underflow."""
+    """The :class:`Scale` ``num / den`` (``0 <= num <= den``), safe from underflow.
+
+    When ``num / den`` is below the smallest normal float, ``hi = 2**(2 - e)``
+    with ``den < 2**e`` brings ``den`` (and every element, which is at most
+    ``den`` in magnitude) into ``[2, 4)`` exactly, and ``lo = num / (den * hi)``
+    is then within a factor 4 of ``num``.
+    """
     value = num / den
     tiny = jnp.finfo(value.dtype).tiny
     normal = ~(jnp.abs(value) < tiny) | (num == 0)
-    root = jnp.sqrt(jnp.where(normal, jnp.ones_like(den), den))
-    hi = jnp.where(normal, value, num / root)
-    lo = jnp.where(normal, jnp.ones_like(value), 1.0 / root)
-    return Scale(value, hi, lo)
+    _, _, bias = _numerics._float_bits(den.dtype)
+    shift = _numerics._pow2(jnp.minimum(2 - _numerics._exponent(den), bias), den.dtype)
+    hi = jnp.where(normal, value, shift)
+    lo = jnp.where(normal, jnp.ones_like(value), num / (den * shift))
+    return Scale(jnp.where(normal, value, tiny), hi, lo)
+
+
+def divide_by_scalar(v: jax.Array, d: jax.Array) -> jax.Array:
+    """``v / d`` for an array ``v`` and a positive scalar ``d`` (NaN and Inf pass).
+
+    XLA computes ``v / d`` as ``v * (1 / d)``, and ``1 / d`` is subnormal
+    (flushed to 0) for ``d`` above about 8.5e37 in float32. Both are first
+    scaled by the same power of two (exact), which brings ``d`` into
+    ``[0.5, 1)``.
+    """
+    f1, f2 = _numerics._pow2_factors(_numerics._exponent(d), d.dtype)
+    return ((v * f1) * f2) / ((d * f1) * f2)
 
 
 _UINT_OF_SIZE = {2: jnp.uint16, 4: jnp.uint32}
@@ -365,7 +303,7 @@ def apply_global(
     # One scale for all leaves (not recomputed inside every leaf's kernel).
     scale, zero, keep = _numerics.materialize((scale, nonfinite, scale.value == 1))
     out = jax.tree.map(lambda x: _apply_leaf(policy, x, scale, zero, keep), updates)
-    post = jnp.where(nonfinite, scale.value, norm * scale.value)
+    post = jnp.where(nonfinite, scale.value, (norm * scale.hi) * scale.lo)
     return Applied(out, norm, post, scale.value, clipped & ~nonfinite, nonfinite)
 
 
@@ -403,7 +341,7 @@ def apply_per_leaf(
         s_i = Scale(*(_numerics.split(v, i) for v in scale))
         z_i, k_i = _numerics.split(zero, i), _numerics.split(keep, i)
         new_leaves.append(_apply_leaf(policy, x, s_i, z_i, k_i))
-    posts = jnp.where(zero, scale.value, norms * scale.value)
+    posts = jnp.where(zero, scale.value, (norms * scale.hi) * scale.lo)
     return Applied(
         jax.tree.unflatten(treedef, new_leaves),
         _numerics.norm_of_values(norms, norm_type),
@@ -412,6 +350,45 @@ def apply_per_leaf(
         jnp.any(clipped & ~bad),
         any_bad,
     )
+
+
+def apply_per_unit(
+    updates: Any,
+    norms: list[jax.Array],
+    thresholds: list[jax.Array],
+    bad: list[jax.Array],
+    policy: str,
+) -> tuple[Applied, jax.Array]:
+    """Scales each unit of each leaf by ``min(1, threshold / norm)`` under ``policy``.
+
+    ``norms``, ``thresholds`` and ``bad`` hold one array per leaf (leaf order),
+    with size-1 dimensions over the axes a unit spans, so they broadcast
+    against the leaf. ``propagate``: a unit flagged ``bad`` becomes all NaN,
+    the others are clipped as usual. ``zero_update``: any bad unit makes the
+    whole update zero. Returns what was applied (global norms over all units)
+    and the number of units clipped (int32).
+    """
+    leaves, treedef = jax.tree.flatten(updates)
+    any_bad = jnp.any(jnp.stack([jnp.any(b) for b in bad]))
+    out, posts, scales, n_clipped = [], [], [], []
+    for x, norm, threshold, b in zip(leaves, norms, thresholds, bad, strict=True):
+        num, den, clipped = clip_factor(norm, threshold)
+        zero = jnp.broadcast_to(any_bad, b.shape) if policy == "zero_update" else b
+        scale = _with_policy(policy, make_scale(num, den), zero)
+        out.append(_apply_leaf(policy, x, scale, zero, scale.value == 1))
+        posts.append(jnp.where(zero, scale.value, (norm * scale.hi) * scale.lo))
+        # -max(-x): a NaN scale survives the cross-device reduction.
+        scales.append(-_numerics._nan_max(-scale.value))
+        n_clipped.append(jnp.sum(clipped & ~b, dtype=jnp.int32))
+    applied = Applied(
+        jax.tree.unflatten(treedef, out),
+        _numerics.norm_of_arrays(norms, 2.0),
+        _numerics.norm_of_arrays(posts, 2.0),
+        jnp.min(jnp.stack(scales)).astype(jnp.float32),
+        sum(n_clipped) > 0,
+        any_bad,
+    )
+    return applied, sum(n_clipped).astype(jnp.int32)
 
 
 def record(stats: ClipStats, applied: Applied, threshold: jax.Array) -> ClipStats:

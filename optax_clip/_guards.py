@@ -15,10 +15,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from optax_clip import _core, _numerics
-from optax_clip._adaptive import _static_int
+from optax_clip import _core, _numerics, _validation
 from optax_clip._stats import ClipStats, init_clip_stats, update_clip_stats
 
 _F32 = jnp.float32
@@ -53,7 +53,10 @@ def _guarded_update(inner, skip, updates, inner_state, params, extra_args):
     def no_grad_if_skipped(x):
         # The same value (XLA folds the select away), but on a skipped step
         # no cotangent flows into the inner update through its inputs, where
-        # 0 * NaN would make a gradient taken through the step NaN.
+        # 0 * NaN would make a gradient taken through the step NaN. Extra
+        # arguments that are not arrays (a string, a callable) pass as they are.
+        if not isinstance(x, (jax.Array, np.ndarray, float, complex)):
+            return x
         if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
             return x
         return jnp.where(skip, jax.lax.stop_gradient(x), x)
@@ -68,6 +71,19 @@ def _guarded_update(inner, skip, updates, inner_state, params, extra_args):
         lambda n, o: _core.select_bits(skip, o, n), new_state, inner_state
     )
     return out, kept
+
+
+def _checked_inner(name: str, inner: Any) -> optax.GradientTransformationExtraArgs:
+    """``inner`` with extra-args support; a clear error if it is no optimizer."""
+    if not (
+        callable(getattr(inner, "init", None))
+        and callable(getattr(inner, "update", None))
+    ):
+        raise TypeError(
+            f"{name} wraps an optimizer (an optax.GradientTransformation, e.g. "
+            f"{name}(optax.adam(1e-3))), got {inner!r}."
+        )
+    return optax.with_extra_args_support(inner)
 
 
 def _loss_scalar(loss: Any) -> jax.Array:
@@ -167,8 +183,8 @@ def skip_nonfinite(
       Lingvo/praxis ``check_valid_step`` and t5x ``skip_nan_updates`` (the
       practice); optax's :func:`optax.apply_if_finite` (what this replaces).
     """
-    inner = optax.with_extra_args_support(inner)
-    axes = _numerics.canonical_axis_name(axis_name)
+    inner = _checked_inner("skip_nonfinite", inner)
+    axes = _validation.axis_name(axis_name)
 
     def init_fn(params):
         return SkipNonfiniteState(
@@ -310,8 +326,10 @@ def skip_on_spike(
         :func:`optax.inject_hyperparams`, list it in ``static_args``).
       sigma: how many standard deviations above the mean is a spike (>= 0;
         default 6).
-      min_history: values needed before the test is active (default
-        ``max(2, window // 2)``; at most ``window``).
+      min_history: values needed before the test is active (an integer in
+        ``[2, window]``; default ``max(2, window // 2)``). A traced ``sigma`` or
+        ``min_history`` out of range skips the step (``clip_threshold`` reads
+        NaN): a guard never lets a step through on a test it cannot make.
       axis_name: mapped axes over which the update is sharded, so that all
         devices skip the same steps.
 
@@ -339,18 +357,17 @@ def skip_on_spike(
       around loss spikes); OLMo-core ``SkipStepOptimizer``
       (github.com/allenai/OLMo-core); MaxText ``skip_step_on_spikes``.
     """
-    inner = optax.with_extra_args_support(inner)
-    size = _static_int("window", window, minimum=2)
-    _core.check_nonnegative("sigma", sigma)
+    inner = _checked_inner("skip_on_spike", inner)
+    size = _validation.static_int("window", window, minimum=2)
     if min_history is None:
         min_history = max(2, size // 2)
-    elif not _core.is_traced(min_history):
-        x = _core.check_real("min_history", min_history, allow_inf=False)
-        if x is not None and not 2 <= x <= size:
-            raise ValueError(
-                f"min_history must be in [2, window={size}], got {min_history}."
-            )
-    axes = _numerics.canonical_axis_name(axis_name)
+    # An out-of-range traced value skips every step (a guard never lets a
+    # step through on a test it cannot make); clip_threshold then reads NaN.
+    valid = _validation.all_valid(
+        _validation.nonnegative("sigma", sigma),
+        _validation.count("min_history", min_history, minimum=2, maximum=size),
+    )
+    axes = _validation.axis_name(axis_name)
 
     def init_fn(params):
         zero_f, zero_i = jnp.zeros((), _F32), jnp.zeros((), _I32)
@@ -400,11 +417,12 @@ def skip_on_spike(
             skip = skip | lv.spike
             loss_window = (lv.window, lv.pos, lv.length)
             loss_z = lv.zscore
-        skip = skip | nonfinite
+        skip = skip | nonfinite | ~jnp.asarray(valid)
         out, inner_state = _guarded_update(
             inner, skip, updates, state.guarded_state, params, extra_args
         )
-        stats = _gate_stats(state.clip_stats, norm, skip, nonfinite, g.level)
+        level = _validation.nan_unless(valid, g.level)
+        stats = _gate_stats(state.clip_stats, norm, skip, nonfinite, level)
         new_state = SkipOnSpikeState(
             guarded_state=inner_state,
             clip_stats=stats,

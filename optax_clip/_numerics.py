@@ -38,53 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from optax_clip import _validation
+
 INF = math.inf
-_VALID_NORM_TYPES = "1, 2 or inf"
-
-
-def canonical_norm_type(norm_type: Any) -> float:
-    """Returns ``norm_type`` as ``1.0``, ``2.0`` or ``inf``; raises otherwise."""
-    if isinstance(norm_type, str):
-        key = norm_type.strip().lower()
-        table = {"1": 1.0, "l1": 1.0, "2": 2.0, "l2": 2.0, "inf": INF, "linf": INF}
-        if key in table:
-            return table[key]
-        raise ValueError(f"norm_type must be {_VALID_NORM_TYPES}, got {norm_type!r}.")
-    if isinstance(norm_type, bool):
-        raise ValueError(f"norm_type must be {_VALID_NORM_TYPES}, got {norm_type!r}.")
-    if isinstance(norm_type, jax.core.Tracer):
-        raise ValueError(
-            "norm_type must be a static Python number, got a traced value. With "
-            "optax.inject_hyperparams, pass static_args=('norm_type',)."
-        )
-    try:
-        value = float(norm_type)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"norm_type must be {_VALID_NORM_TYPES}, got {norm_type!r}."
-        ) from None
-    if value in (1.0, 2.0, INF):
-        return value
-    raise ValueError(f"norm_type must be {_VALID_NORM_TYPES}, got {norm_type!r}.")
-
-
-def canonical_axis_name(axis_name: Any) -> tuple:
-    """Returns ``axis_name`` as a tuple of names (empty for ``None``)."""
-    if axis_name is None:
-        return ()
-    if isinstance(axis_name, (tuple, list)):
-        names = tuple(axis_name)
-    else:
-        names = (axis_name,)
-    for name in names:
-        if not isinstance(name, (str, int)) or isinstance(name, bool):
-            raise TypeError(
-                "axis_name must be a mapped axis name (str) or a tuple of names, "
-                f"got {axis_name!r}."
-            )
-    if len(set(names)) != len(names):
-        raise ValueError(f"axis_name has repeated names: {axis_name!r}.")
-    return names
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
@@ -532,11 +488,14 @@ def _units(
 
 
 def _summand(
-    x: jax.Array, p: float, factors: dict | None = None, *, branch: bool = False
+    x: jax.Array, p: float, factors: tuple | None = None, *, branch: bool = False
 ) -> jax.Array:
     """``|x * f1 * f2|**p`` elementwise, in the accumulation dtype (p is 1 or 2).
 
-    ``factors`` maps an accumulation dtype to the two rescaling factors.
+    ``factors``: the two rescaling factors, in the tree's accumulation dtype.
+    A narrower leaf is then rescaled in that wider dtype: in a tree with
+    float64 leaves, the factors of a tiny largest magnitude are beyond the
+    float32 range (cast to float32, ``0 * inf`` would be NaN).
     ``branch=True`` (inside the rescaling branch of a ``lax.cond``) takes
     ``|x|`` as ``max(x, -x)`` (or from the real and imaginary parts): the same
     values through other operations than the plain pass. Otherwise XLA hoists
@@ -545,7 +504,9 @@ def _summand(
     on every step instead of fusing the conversion into its reduction.
     """
     acc = accumulation_dtype(x.dtype)
-    f1, f2 = factors[acc] if factors is not None else (None, None)
+    f1, f2 = factors if factors is not None else (None, None)
+    if f1 is not None:
+        acc = jnp.promote_types(acc, f1.dtype)
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         if not branch:
             a = lax.abs(x)
@@ -575,20 +536,10 @@ def _summand(
     return lax.mul(a, a) if p == 2.0 else a
 
 
-def _cast_factors(factors: tuple, units) -> dict:
-    """The two rescaling factors cast once to each accumulation dtype in use."""
-    out = {}
-    for xs, _ in units:
-        acc = accumulation_dtype(xs[0].dtype)
-        if acc not in out:
-            out[acc] = (factors[0].astype(acc), factors[1].astype(acc))
-    return out
-
-
 def _unit_power_sum(
     xs: Sequence[jax.Array],
     p: float,
-    factors: dict | None = None,
+    factors: tuple | None = None,
     *,
     branch: bool = False,
 ):
@@ -787,14 +738,14 @@ def global_norm(
 
     Args:
       tree: a pytree of arrays (``None`` leaves are ignored).
-      norm_type: 1.0, 2.0 or ``inf`` (use :func:`canonical_norm_type`).
+      norm_type: 1.0, 2.0 or ``inf`` (see :func:`_validation.norm_type`).
       axis_name: tuple of mapped axis names to combine partial sums over.
       group_size: overrides :data:`GROUP_SIZE` (1: one reduction per leaf).
 
     Returns:
       A scalar in the widest accumulation dtype of the leaves (float32 at least).
     """
-    leaves = jax.tree.leaves(tree)
+    leaves = _validation.float_leaves(tree)
     dtype = tree_accumulation_dtype(leaves)
     if not leaves:
         return jnp.zeros((), dtype)
@@ -833,7 +784,7 @@ def global_norm(
         )
         e = _exponent(m)
         # Computed once: every unit's kernel reads them.
-        factors = _cast_factors(materialize(_pow2_factors(e, dtype)), big)
+        factors = materialize(_pow2_factors(e, dtype))  # read by every unit
         s = _reduce_partials(
             [_unit_power_sum(xs, p, factors, branch=True) for xs, _ in big],
             big_axes,
@@ -858,7 +809,7 @@ def leaf_norms(
     rescaled pass runs (once, for all leaves) only when some leaf's plain sum
     is outside the normal range, e.g. it overflowed or the leaf is all zeros.
     """
-    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+    leaves = [jnp.asarray(x) for x in _validation.float_leaves(tree)]
     if not leaves:
         return []
     vec = leaf_norm_vector(leaves, norm_type, axis_name)
@@ -932,13 +883,12 @@ def _reduce_rows(
 def _row_summand(x, p, stacked, factors=None, *, branch=False):
     """:func:`_summand` of a unit, with per-row (or scalar) factors."""
     if factors is not None:
-        acc = accumulation_dtype(x.dtype)
-        f1, f2 = (f.astype(acc) for f in factors)
+        f1, f2 = factors
         if stacked:
             f1, f2 = (lax.broadcast_in_dim(f, x.shape, (0,)) for f in (f1, f2))
         else:
             f1, f2 = (lax.reshape(f, ()) for f in (f1, f2))
-        factors = {acc: (f1, f2)}
+        factors = (f1, f2)
     return _summand(x, p, factors, branch=branch)
 
 
@@ -1014,10 +964,9 @@ def _row_sums_each(xs, p, factors, dtype):
 
     ``factors``: two vectors with one rescaling factor per leaf.
     """
-    acc = accumulation_dtype(xs[0].dtype)
-    f1, f2 = (f.astype(acc) for f in factors)
+    f1, f2 = factors
     summands = tuple(
-        _summand(x, p, {acc: (split(f1, i), split(f2, i))}, branch=True)
+        _summand(x, p, (split(f1, i), split(f2, i)), branch=True)
         for i, x in enumerate(xs)
     )
     return _compensated_sums(summands, None).astype(dtype)
@@ -1037,7 +986,7 @@ def leaf_norm_vector(
     pass runs (once, for all leaves) only when some leaf's plain sum is
     outside the normal range, e.g. it overflowed or the leaf is all zeros.
     """
-    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+    leaves = [jnp.asarray(x) for x in _validation.float_leaves(tree)]
     dtype = tree_accumulation_dtype(leaves)
     if not leaves:
         return jnp.zeros((0,), dtype)
@@ -1126,9 +1075,30 @@ def norm_of_values(
     return _scaled_root(m, e, s, norm_type)
 
 
+def norm_of_arrays(arrays: Sequence[jax.Array], norm_type: float) -> jax.Array:
+    """The ``norm_type``-norm of all the values of a few small arrays, overflow-safe.
+
+    For per-unit norms (any shapes and shardings): each array is reduced on
+    its own, so none is raveled or concatenated (which fails for arrays
+    sharded under ``Explicit`` mesh axes). NaN or Inf values give a
+    non-finite result.
+    """
+    dtype = jnp.result_type(*arrays, jnp.float32)
+    mags = [jnp.abs(jnp.asarray(a).astype(dtype)) for a in arrays if jnp.size(a)]
+    if not mags:
+        return jnp.zeros((), dtype)
+    m = _nan_max(jnp.stack([_nan_max(a) for a in mags]))
+    if norm_type == INF:
+        return m
+    e = _exponent(m)
+    factors = _pow2_factors(e, dtype)
+    s = sum(_power_sum(a, norm_type, factors) for a in mags)
+    return _scaled_root(m, e, s, norm_type)
+
+
 def reduce_max(tree: Any, axis_name: tuple = ()) -> jax.Array:
     """Largest value over all leaves of ``tree`` (and across mapped axes)."""
-    leaves = jax.tree.leaves(tree)
+    leaves = _validation.float_leaves(tree)
     dtype = tree_accumulation_dtype(leaves)
     if not leaves:
         return jnp.full((), -jnp.inf, dtype)

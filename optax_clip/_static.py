@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_clip import _core, _numerics
+from optax_clip import _core, _numerics, _validation
 from optax_clip._stats import ClipStats, init_clip_stats
 
 
@@ -27,7 +27,7 @@ def clip_by_global_norm(
     max_norm: jax.typing.ArrayLike,
     norm_type: Any = "l2",
     *,
-    nonfinite: _core.NonFinitePolicy = "propagate",
+    nonfinite: _validation.NonFinitePolicy = "propagate",
     axis_name: Any = None,
 ) -> optax.GradientTransformation:
     r"""Scales the whole update so that its global norm is at most ``max_norm``.
@@ -49,7 +49,12 @@ def clip_by_global_norm(
       of the output with respect to the input (meta-gradient) is finite at 0;
     * 1-, 2- and inf-norms; an ``axis_name`` for ``pmap``/``shard_map``;
     * the pre-clip norm, scale and counts are kept in the state
-      (read them with :func:`optax_clip.get_stats`).
+      (read them with :func:`optax_clip.get_stats`);
+    * bad input is an error, not a silent result: a negative or NaN
+      ``max_norm`` raises here, and integer or bool updates raise in
+      ``update``. A *traced* ``max_norm`` (a schedule through
+      :func:`optax.inject_hyperparams` under ``jit``) cannot raise: a negative
+      or NaN value makes that step's update NaN (``clip_threshold`` reads NaN).
 
     Non-finite policy: with ``"propagate"`` a step whose updates hold a NaN or
     Inf comes out entirely NaN (optax would sometimes return zeros, hiding the
@@ -89,10 +94,10 @@ def clip_by_global_norm(
       Pascanu et al., `On the difficulty of training Recurrent Neural Networks
       <https://arxiv.org/abs/1211.5063>`_, 2013
     """
-    p = _numerics.canonical_norm_type(norm_type)
-    _core.check_nonnegative("max_norm", max_norm)
-    policy = _core.check_policy(nonfinite)
-    axes = _numerics.canonical_axis_name(axis_name)
+    p = _validation.norm_type(norm_type)
+    valid = _validation.nonnegative("max_norm", max_norm)
+    policy = _validation.policy(nonfinite)
+    axes = _validation.axis_name(axis_name)
 
     def init_fn(params):
         del params
@@ -101,7 +106,7 @@ def clip_by_global_norm(
     def update_fn(updates, state, params=None):
         del params
         norm = _numerics.global_norm(updates, p, axes)
-        threshold = _core.threshold_array(max_norm, norm.dtype)
+        threshold = _core.threshold_array(max_norm, norm.dtype, valid)
         applied = _core.apply_global(updates, norm, threshold, policy)
         stats = _core.record(state.clip_stats, applied, threshold)
         return applied.updates, ClipByGlobalNormState(stats)
@@ -125,7 +130,7 @@ def clip_by_block_norm(
     max_norm: jax.typing.ArrayLike,
     norm_type: Any = "l2",
     *,
-    nonfinite: _core.NonFinitePolicy = "propagate",
+    nonfinite: _validation.NonFinitePolicy = "propagate",
     axis_name: Any = None,
 ) -> optax.GradientTransformation:
     r"""Scales each leaf (block, e.g. one layer's weight) to norm at most ``max_norm``.
@@ -172,10 +177,10 @@ def clip_by_block_norm(
       Pascanu et al., `On the difficulty of training Recurrent Neural Networks
       <https://arxiv.org/abs/1211.5063>`_, 2013
     """
-    p = _numerics.canonical_norm_type(norm_type)
-    _core.check_nonnegative("max_norm", max_norm)
-    policy = _core.check_policy(nonfinite)
-    axes = _numerics.canonical_axis_name(axis_name)
+    p = _validation.norm_type(norm_type)
+    valid = _validation.nonnegative("max_norm", max_norm)
+    policy = _validation.policy(nonfinite)
+    axes = _validation.axis_name(axis_name)
 
     def init_fn(params):
         del params
@@ -184,7 +189,8 @@ def clip_by_block_norm(
     def update_fn(updates, state, params=None):
         del params
         norms = _numerics.leaf_norm_vector(updates, p, axes)
-        threshold = _core.threshold_array(max_norm, jnp.float32)
+        # In the norms' dtype: a float64 threshold of 1e300 is not inf.
+        threshold = _core.threshold_array(max_norm, norms.dtype, valid)
         thresholds = jnp.broadcast_to(threshold, norms.shape)
         applied = _core.apply_per_leaf(updates, norms, thresholds, policy, p)
         stats = _core.record(state.clip_stats, applied, threshold)
@@ -212,7 +218,7 @@ def clip_by_value(
     *,
     min_value: jax.typing.ArrayLike | None = None,
     max_value: jax.typing.ArrayLike | None = None,
-    nonfinite: _core.NonFinitePolicy = "propagate",
+    nonfinite: _validation.NonFinitePolicy = "propagate",
     axis_name: Any = None,
 ) -> optax.GradientTransformation:
     r"""Clips every element of the update into ``[-max_delta, max_delta]``.
@@ -232,6 +238,12 @@ def clip_by_value(
     through unchanged (``jnp.clip`` would silently turn ``Inf`` into the
     bound), every finite element is clipped. With ``"zero_update"`` a step
     holding any NaN or Inf becomes all zeros.
+
+    In bf16 and fp16 the bounds are rounded inwards (a bf16 bound of 0.3 is
+    0.298828125, not the nearest 0.30078125), so no output lies outside them,
+    and a bound beyond the dtype's range is its largest finite value. Traced
+    bounds with ``min_value > max_value`` (or a negative ``max_delta``) make
+    the update NaN.
 
     Args:
       max_delta: bound on the magnitude of each element (a scalar >= 0).
@@ -265,22 +277,29 @@ def clip_by_value(
             "clip_by_value takes either max_delta, or both min_value and max_value."
         )
     if symmetric:
-        _core.check_nonnegative("max_delta", max_delta)
+        valid = _validation.nonnegative("max_delta", max_delta)
     else:
         if min_value is None or max_value is None:
             raise ValueError("clip_by_value needs both min_value and max_value.")
-        lo = _core.check_real("min_value", min_value)
-        hi = _core.check_real("max_value", max_value)
-        if lo is not None and hi is not None and lo > hi:
-            raise ValueError(f"min_value ({lo}) must be <= max_value ({hi}).")
-    policy = _core.check_policy(nonfinite)
-    axes = _numerics.canonical_axis_name(axis_name)
+        valid = _validation.all_valid(
+            _validation.real("min_value", min_value),
+            _validation.real("max_value", max_value),
+        )
+        if _validation.is_traced((min_value, max_value)):
+            valid = valid & (jnp.asarray(min_value) <= jnp.asarray(max_value))
+        elif min_value > max_value:
+            raise ValueError(
+                f"min_value ({min_value}) must be <= max_value ({max_value})."
+            )
+    policy = _validation.policy(nonfinite)
+    axes = _validation.axis_name(axis_name)
 
     def bounds(dtype):
         if symmetric:
-            delta = _core.threshold_array(max_delta, dtype)
+            delta = _core.threshold_array(max_delta, dtype, valid)
             return -delta, delta
-        return jnp.asarray(min_value, dtype), jnp.asarray(max_value, dtype)
+        lo = _core.threshold_array(min_value, dtype, valid)
+        return lo, _core.threshold_array(max_value, dtype, valid)
 
     def init_fn(params):
         del params
@@ -307,7 +326,8 @@ def clip_by_value(
         scale = jnp.where(pre > 0, post / safe_pre, 1.0)
 
         def clip_leaf(x):
-            c = jnp.clip(x, lo.astype(x.dtype), hi.astype(x.dtype))
+            a, b = _bound_in(lo, x.dtype, up=True), _bound_in(hi, x.dtype, up=False)
+            c = jnp.clip(x, a, b)
             if policy == "zero_update":
                 return jnp.where(nonfinite, jnp.zeros_like(x), c)
             return jnp.where(jnp.isfinite(x), c, x)
@@ -326,6 +346,24 @@ def clip_by_value(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _bound_in(bound: jax.Array, dtype: Any, *, up: bool) -> jax.Array:
+    """``bound`` in ``dtype``, rounded inwards and saturated to finite values.
+
+    A lower bound is rounded up and an upper bound down, so that no clipped
+    element lies outside ``[min_value, max_value]`` (round-to-nearest turns a
+    bf16 bound of 0.3 into 0.30078125). A bound beyond the range of ``dtype``
+    becomes its largest finite value (an fp16 bound of 1e5 is not ``inf``).
+    """
+    r = bound.astype(dtype)
+    if jnp.dtype(dtype) != bound.dtype:
+        wide = r.astype(bound.dtype)
+        outside = (wide < bound) if up else (wide > bound)
+        toward = jnp.asarray(jnp.inf if up else -jnp.inf, dtype)
+        r = jnp.where(outside, jnp.nextafter(r, toward), r)
+    top = jnp.finfo(dtype).max
+    return jnp.clip(r, -top, top)
+
+
 class SoftClipByGlobalNormState(NamedTuple):
     """State of :func:`soft_clip_by_global_norm`.
 
@@ -342,14 +380,20 @@ def soft_clip_factor(knee: Any):
     """The scale function of :func:`soft_clip_by_global_norm` (see its maths)."""
 
     def factor(norm, max_norm):
-        k = jnp.clip(jnp.asarray(knee, norm.dtype), 0.0, 1.0)
-        tau = k * max_norm
+        tau = jnp.asarray(knee, norm.dtype) * max_norm
         width = max_norm - tau
-        above = norm > tau
+        above = ~(norm <= tau)  # a NaN threshold never passes silently
         has_width = width > 0
         safe_width = jnp.where(has_width, width, jnp.ones_like(width))
         excess = jnp.where(above, norm - tau, jnp.zeros_like(norm))
-        u = jnp.where(has_width, excess / safe_width, jnp.inf)
+        # Not excess / width: XLA turns a division by a constant (a concrete
+        # max_norm) into a product with its reciprocal, which is subnormal
+        # (flushed to 0) for a width above about 8.5e37 in float32. Both are
+        # first scaled (exactly) by a power of two that depends on the norm.
+        e = _numerics._exponent(jnp.maximum(norm, safe_width))
+        f1, f2 = _numerics._pow2_factors(e, norm.dtype)
+        u = (excess * f1 * f2) / (safe_width * f1 * f2)
+        u = jnp.where(has_width, u, jnp.inf)
         soft = tau + width * -jnp.expm1(-u)  # output norm, in [tau, max_norm)
         one = jnp.ones_like(norm)
         return jnp.where(above, soft, one), jnp.where(above, norm, one), above
@@ -362,7 +406,7 @@ def soft_clip_by_global_norm(
     knee: jax.typing.ArrayLike = 0.5,
     norm_type: Any = "l2",
     *,
-    nonfinite: _core.NonFinitePolicy = "propagate",
+    nonfinite: _validation.NonFinitePolicy = "propagate",
     axis_name: Any = None,
 ) -> optax.GradientTransformation:
     r"""Smoothly scales the update so its global norm saturates at ``max_norm``.
@@ -419,11 +463,13 @@ def soft_clip_by_global_norm(
       <https://arxiv.org/abs/1211.5063>`_, 2013 (hard norm clipping, which this
       smooths)
     """
-    p = _numerics.canonical_norm_type(norm_type)
-    _core.check_nonnegative("max_norm", max_norm)
-    _core.check_in_range("knee", knee, 0.0, 1.0)
-    policy = _core.check_policy(nonfinite)
-    axes = _numerics.canonical_axis_name(axis_name)
+    p = _validation.norm_type(norm_type)
+    valid = _validation.all_valid(
+        _validation.nonnegative("max_norm", max_norm),
+        _validation.in_range("knee", knee, 0.0, 1.0),
+    )
+    policy = _validation.policy(nonfinite)
+    axes = _validation.axis_name(axis_name)
     factor = soft_clip_factor(knee)
 
     def init_fn(params):
@@ -433,7 +479,7 @@ def soft_clip_by_global_norm(
     def update_fn(updates, state, params=None):
         del params
         norm = _numerics.global_norm(updates, p, axes)
-        threshold = _core.threshold_array(max_norm, norm.dtype)
+        threshold = _core.threshold_array(max_norm, norm.dtype, valid)
         applied = _core.apply_global(updates, norm, threshold, policy, factor)
         stats = _core.record(state.clip_stats, applied, threshold)
         return applied.updates, SoftClipByGlobalNormState(stats)

@@ -7,6 +7,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from optax_clip import _validation
+
 
 class ClipStats(NamedTuple):
     """What a clipping transform did on its last step, and running counts.
@@ -23,8 +25,11 @@ class ClipStats(NamedTuple):
         scales (no second pass over the gradients; float32).
       clip_scale: factor applied to the updates (1.0 when untouched, 0.0 when a
         non-finite step was zeroed). Per-leaf and per-element methods report the
-        smallest factor applied to any leaf or element.
-      clip_threshold: threshold in force on the last step (float32).
+        smallest factor applied to any leaf or element. A positive factor below
+        float32's normal range (clipping a norm of 3e38 to 1) reads as the
+        smallest normal float32, 1.18e-38, never as 0.
+      clip_threshold: threshold in force on the last step (float32); NaN when
+        a traced hyper-parameter was out of range on that step.
       is_clipped: 1 if the last step was rescaled, else 0 (int32).
       is_nonfinite: 1 if the last step's updates held a NaN or Inf (int32).
       num_updates: number of steps seen (int32, saturating).
@@ -50,7 +55,7 @@ def init_clip_stats(threshold: Any = 0.0) -> ClipStats:
         pre_clip_norm=jnp.zeros((), f32),
         post_clip_norm=jnp.zeros((), f32),
         clip_scale=jnp.ones((), f32),
-        clip_threshold=jnp.asarray(threshold, f32).reshape(()),
+        clip_threshold=_validation.scalar_array(threshold, f32),
         is_clipped=jnp.zeros((), i32),
         is_nonfinite=jnp.zeros((), i32),
         num_updates=jnp.zeros((), i32),
@@ -63,6 +68,17 @@ def _saturating_add(count: jax.Array, flag: jax.Array) -> jax.Array:
     inc = jnp.asarray(flag).astype(count.dtype)
     limit = jnp.iinfo(count.dtype).max
     return jnp.where(count < limit, count + inc, count)
+
+
+def _narrow_positive(x: jax.Array) -> jax.Array:
+    """``x`` as float32; a positive ``x`` below its normal range reads as ``tiny``.
+
+    The smallest normal float32, never 0: a scale that small is a real clip.
+    """
+    f32 = jnp.float32
+    y = x.astype(f32)
+    tiny = jnp.finfo(f32).tiny
+    return jnp.where((x > 0) & (y < tiny), jnp.asarray(tiny, f32), y)
 
 
 def update_clip_stats(
@@ -82,7 +98,7 @@ def update_clip_stats(
     return ClipStats(
         pre_clip_norm=jnp.asarray(pre_norm).astype(f32),
         post_clip_norm=jnp.asarray(post_norm).astype(f32),
-        clip_scale=jnp.asarray(scale).astype(f32),
+        clip_scale=_narrow_positive(jnp.asarray(scale)),
         clip_threshold=jnp.asarray(threshold).astype(f32),
         is_clipped=clipped.astype(jnp.int32),
         is_nonfinite=nonfinite.astype(jnp.int32),

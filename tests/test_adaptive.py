@@ -342,6 +342,18 @@ def test_adagc_clips_only_the_spiking_tensor():
             oc.adagc(**bad)
 
 
+def test_adagc_warmup_clip_of_a_huge_norm_keeps_direction():
+    # The warm-up's global scale 1 / 3e38 is subnormal: multiplied into each
+    # tensor's norm it flushed to 0 and zeroed the update.
+    tx = oc.adagc(max_norm=1.0, warmup_steps=5)
+    g = {"a": jnp.array([3e38, 0.0], jnp.float32), "b": jnp.array([1e37, 1e37])}
+    out, state = jax.jit(tx.update)(g, tx.init(g))
+    n = math.sqrt(9e76 + 2e74)
+    np.testing.assert_allclose(out["a"], [3e38 / n, 0.0], rtol=1e-5)
+    np.testing.assert_allclose(out["b"], [1e37 / n] * 2, rtol=1e-5)
+    assert int(state.clip_stats.is_nonfinite) == 0
+
+
 def test_adagc_reference_norms_as_a_tree():
     # The EMAs are one vector in leaf order; reference_norms maps them back.
     params = {"a": jnp.zeros(3), "b": {"c": jnp.zeros((2, 2)), "d": jnp.zeros(1)}}
@@ -409,11 +421,13 @@ def test_nonfinite_step_leaves_statistics_alone(name, policy):
 # --------------------------------------------------------------------------
 
 
-def ref_agc(g, p, clipping, eps):
+def ref_agc(g, p, clipping, eps, axis=None):
     """NFNets' unit-wise clip in float64, with its default unit convention."""
     g = np.asarray(g, np.float64)
     p = np.asarray(p, np.float64)
-    if np.squeeze(g).ndim <= 1:
+    if axis is not None:
+        axes = axis
+    elif np.squeeze(g).ndim <= 1:
         axes = tuple(range(g.ndim))
     elif g.ndim in (2, 3):
         axes = (0,)
@@ -520,6 +534,53 @@ def test_agc_errors_and_axis():
         oc.adaptive_grad_clip(0.1, axis=1.5)
 
 
+@pytest.mark.parametrize(
+    "shape, axis",
+    [((2, 3, 4), (1, 2, 3)), ((3,), 1), ((3,), -2), ((2, 3), (0, -2)), ((), 0)],
+)
+def test_agc_axis_out_of_bounds_or_repeated_raises(shape, axis):
+    # optax raises too; wrapping the axis (a % ndim) clipped the wrong units.
+    g = {"k": jnp.ones(shape)}
+    tx = oc.adaptive_grad_clip(0.1, axis=axis)
+    with pytest.raises(ValueError, match="out of bounds|repeated"):
+        tx.update(g, tx.init(g), g)
+    with pytest.raises(ValueError):
+        optax.adaptive_grad_clip(0.1, axis=axis).update(g, None, g)
+
+
+def test_agc_negative_axis_counts_from_the_end():
+    g = {"k": jnp.arange(1.0, 7.0).reshape(2, 3)}
+    p = {"k": jnp.ones((2, 3))}
+    for axis in (-1, 1):
+        tx = oc.adaptive_grad_clip(0.5, axis=axis)
+        out, _ = jax.jit(tx.update)(g, tx.init(p), p)
+        want = ref_agc(np.asarray(g["k"]), np.ones((2, 3)), 0.5, 1e-3, axis=(1,))
+        np.testing.assert_allclose(out["k"], want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["propagate", "zero_update"])
+def test_agc_nonfinite_parameter_is_a_nonfinite_unit(policy):
+    # Documented: the unit of a NaN/Inf parameter is treated like a unit whose
+    # gradient holds a NaN/Inf (the model is corrupt; the step is flagged).
+    g = {"w": jnp.ones((2, 3))}
+    p = {"w": jnp.ones((2, 3)).at[0, 1].set(jnp.inf)}
+    tx = oc.adaptive_grad_clip(0.1, nonfinite=policy)
+    out, state = jax.jit(tx.update)(g, tx.init(p), p)
+    assert int(state.clip_stats.is_nonfinite) == 1
+    if policy == "propagate":
+        assert np.all(np.isnan(out["w"][:, 1]))
+        np.testing.assert_allclose(out["w"][:, [0, 2]], 0.1, rtol=1e-6)
+    else:
+        np.testing.assert_array_equal(out["w"], 0.0)
+    # clipping=inf never clips (and is not mistaken for a corrupt parameter).
+    tx = oc.adaptive_grad_clip(math.inf, eps=0.0)
+    zero_p = {"w": jnp.zeros((2, 3)).at[:, 0].set(1.0)}
+    out, state = jax.jit(tx.update)(g, tx.init(zero_p), zero_p)
+    np.testing.assert_array_equal(out["w"][:, 0], 1.0)
+    np.testing.assert_array_equal(out["w"][:, 1:], 0.0)  # lambda * 0 = 0
+    assert int(state.clip_stats.is_nonfinite) == 0
+
+
 # --------------------------------------------------------------------------
 # suggest_max_norm and the threshold-choosing example
 # --------------------------------------------------------------------------
@@ -545,6 +606,9 @@ def test_suggest_max_norm():
             oc.suggest_max_norm(norms, **bad)
     with pytest.raises(ValueError, match="NaN or Inf"):
         oc.suggest_max_norm([np.nan, np.inf])
+    # Norms are never negative: these are something else (losses, logs).
+    with pytest.raises(ValueError, match="negative"):
+        oc.suggest_max_norm([-1.0, -2.0, -3.0])
 
 
 def test_choose_threshold_example(capsys):

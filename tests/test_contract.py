@@ -281,3 +281,46 @@ def test_bad_threshold_rejected_at_construction(case):
             case.build(**{case.threshold: bad})
     with pytest.raises(ValueError, match="scalar"):
         case.build(**{case.threshold: jnp.ones(2)})
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_integer_and_bool_updates_are_rejected(case, dtype):
+    grads = jax.tree.map(lambda x: x.astype(dtype), tree())
+    tx = case.build()
+    params = params_like(tree())
+    with pytest.raises(TypeError, match="floating-point"):
+        tx.update(grads, tx.init(params), params, **case.extra_args)
+
+
+def mixed_x64_tree(scale):
+    """float64 beside float32, bf16 and fp16 leaves (call under x64)."""
+    t = tree(jnp.float64, scale=scale)
+    t["b"] = t["b"].astype(jnp.float32)
+    t["s"] = t["s"].astype(jnp.bfloat16)
+    t["h"] = (scale * jnp.arange(3.0) / 4).astype(jnp.float16)
+    return t
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_mixed_float64_tree_under_x64(case):
+    with jax.enable_x64(True):
+        tx = case.build()
+        update = jax.jit(tx.update)
+        params = params_like(mixed_x64_tree(1.0))
+        state0 = tx.init(params)
+        # An all-zero tree is zeros, never NaN (nor a skipped step).
+        zeros = mixed_x64_tree(0.0)
+        out, state = update(zeros, state0, params, **case.extra_args)
+        chex.assert_trees_all_equal(out, zeros)
+        chex.assert_trees_all_equal_dtypes(out, zeros)
+        assert int(oc.get_stats(state)[f"{case.name}/num_nonfinite"]) == 0
+        # The state keeps its dtypes (a lax.scan carry), and a live tree with
+        # one all-zero leaf stays finite.
+        live = mixed_x64_tree(3.0)
+        live["b"] = jnp.zeros_like(live["b"])
+        for _ in range(3):
+            out, state = update(live, state, params, **case.extra_args)
+        chex.assert_trees_all_equal_shapes_and_dtypes(state, state0)
+        assert all_finite(out)
+        np.testing.assert_array_equal(out["b"], 0.0)

@@ -583,3 +583,41 @@ def test_many_steps_sharded_jit_explicit_fsdp():
     args = put(seq, mesh_1d(), MS_SEQ_SPECS), put(params, mesh_1d(), MS_SPECS)
     res = jax.jit(_run_cases(MANY_STEP_CASES))(*args)
     _check_many(jax.device_get(res), MANY_STEP_CASES, "jit")
+
+
+@pytest.mark.parametrize("spec", [P(None, "data", None), P(None, None, "data")])
+def test_agc_explicit_mesh_with_sharded_unit_axes(spec):
+    # The statistics are reduced array by array: raveling or concatenating
+    # unit norms sharded along a kept axis raised ShardingTypeError.
+    rng = np.random.default_rng(3)
+    grads = {
+        "k": rng.normal(size=(16, 8, 8)).astype(np.float32),
+        "b": rng.normal(size=(8,)).astype(np.float32),
+    }
+    params = {
+        k: (0.5 * rng.normal(size=v.shape)).astype(np.float32) for k, v in grads.items()
+    }
+    specs = {"k": spec, "b": P()}
+    tx = oc.adaptive_grad_clip(0.05)
+
+    def step(g, p):
+        out, state = tx.update(g, tx.init(p), p)
+        return out, oc.get_stats(state)
+
+    want_out, want_stats = jax.device_get(jax.jit(step)(grads, params))
+    mesh = mesh_1d()
+    got_out, got_stats = jax.device_get(
+        jax.jit(step)(put(grads, mesh, specs), put(params, mesh, specs))
+    )
+    assert int(want_stats["adaptive_grad_clip/clipped_units"]) > 0
+    for k in grads:
+        np.testing.assert_allclose(got_out[k], want_out[k], RTOL, ATOL)
+    for key, want in want_stats.items():
+        np.testing.assert_allclose(got_stats[key], want, RTOL, ATOL, err_msg=key)
+    # NumPy float64: the post-clip norm of the whole update.
+    post = np.sqrt(
+        sum(np.sum(np.asarray(v, np.float64) ** 2) for v in want_out.values())
+    )
+    np.testing.assert_allclose(
+        got_stats["adaptive_grad_clip/post_clip_norm"], post, 1e-5
+    )

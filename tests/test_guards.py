@@ -117,6 +117,36 @@ def test_skip_nonfinite_loss_is_checked_and_forwarded():
         tx.update(jnp.ones(2), state, params, loss=jnp.ones(2))
 
 
+@pytest.mark.parametrize(
+    "guard", [oc.skip_nonfinite, lambda inner: oc.skip_on_spike(inner, 4)]
+)
+def test_extra_arguments_that_are_not_arrays_are_forwarded(guard):
+    # optax.contrib.sophia takes the objective as a callable; a string and a
+    # Python int pass through too, as in optax.apply_if_finite.
+    def obj_fn(p):
+        return jnp.sum(p**2)
+
+    params = jnp.array([1.0, 2.0])
+    grads = jax.grad(obj_fn)(params)
+    sophia = optax.contrib.sophia(0.1, update_interval=1)
+    tx, ref = guard(sophia), optax.apply_if_finite(sophia, 3)
+    out, state = tx.update(grads, tx.init(params), params, obj_fn=obj_fn)
+    want, _ = ref.update(grads, ref.init(params), params, obj_fn=obj_fn)
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+    seen = {}
+
+    def recorder():
+        def update(u, s, params=None, *, note, fn, k):
+            seen.update(note=note, fn=fn(2), k=k)
+            return u, s
+
+        return optax.GradientTransformationExtraArgs(lambda p: (), update)
+
+    tx = guard(recorder())
+    tx.update(grads, tx.init(params), params, note="hi", fn=lambda x: x + 1, k=3)
+    assert seen == {"note": "hi", "fn": 3, "k": 3}
+
+
 def test_skip_nonfinite_inner_output_dtype_and_none_leaves():
     # Adam turns bf16 gradients into float32 updates; a skipped step must
     # return zeros of the inner's output dtype, with None leaves kept.

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from optax_clip import _numerics as num
+from optax_clip import _validation
 
 P_TYPES = [1.0, 2.0, np.inf]
 
@@ -168,21 +169,21 @@ def test_norm_of_values():
     "value,expected",
     [(1, 1.0), (2, 2.0), (2.0, 2.0), (np.inf, np.inf), ("inf", np.inf), ("L2", 2.0)],
 )
-def test_canonical_norm_type(value, expected):
-    assert num.canonical_norm_type(value) == expected
+def test_norm_type_names(value, expected):
+    assert _validation.norm_type(value) == expected
 
 
 @pytest.mark.parametrize("value", [3, 0, -1, 0.5, "fro", None, True, [2]])
 def test_unknown_norm_type_rejected(value):
     with pytest.raises(ValueError, match="norm_type"):
-        num.canonical_norm_type(value)
+        _validation.norm_type(value)
 
 
-def test_canonical_axis_name():
-    assert num.canonical_axis_name(None) == ()
-    assert num.canonical_axis_name("d") == ("d",)
-    assert num.canonical_axis_name(("d", "m")) == ("d", "m")
+def test_axis_name_forms():
+    assert _validation.axis_name(None) == ()
+    assert _validation.axis_name("d") == ("d",)
+    assert _validation.axis_name(("d", "m")) == ("d", "m")
     with pytest.raises(ValueError, match="repeated"):
-        num.canonical_axis_name(("d", "d"))
+        _validation.axis_name(("d", "d"))
     with pytest.raises(TypeError):
-        num.canonical_axis_name(1.5)
+        _validation.axis_name(1.5)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import reference
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -114,6 +115,32 @@ def test_overflow_near_float_max_needs_split_scale():
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-30)
 
 
+def test_scale_below_the_normal_range_keeps_statistics_and_direction():
+    # Clipping a norm of 3e38 to 1 needs a scale of 3.3e-39 (subnormal): the
+    # update is right, and the statistics do not read like a zeroed step.
+    tx = oc.clip_by_global_norm(1.0)
+    out, state = jax.jit(tx.update)(jnp.array([3e38], jnp.float32), tx.init(None))
+    np.testing.assert_allclose(out, [1.0], rtol=1e-6)
+    s = state.clip_stats
+    np.testing.assert_allclose(s.post_clip_norm, 1.0, rtol=1e-6)
+    assert float(s.clip_scale) == np.finfo(np.float32).tiny  # not 0
+    assert int(s.is_clipped) == 1 and int(s.is_nonfinite) == 0
+
+
+@pytest.mark.parametrize("c", [1e-20, 1e-30, 1e-36])
+def test_tiny_threshold_on_a_huge_norm(c):
+    # The scale c / 3.2e38 is far below the float32 range; neither of the two
+    # factors it is applied as may underflow.
+    g = jnp.array([3e38, -1e38, 1e30], jnp.float32)
+    tx = oc.clip_by_global_norm(c)
+    out, state = jax.jit(tx.update)(g, tx.init(g))
+    want = np.array([3e38, -1e38, 1e30]) * (c / np.linalg.norm([3e38, 1e38, 1e30]))
+    # Results below the normal range are flushed to 0 (XLA:CPU, like GPUs).
+    tiny = np.finfo(np.float32).tiny
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=tiny)
+    np.testing.assert_allclose(state.clip_stats.post_clip_norm, c, rtol=1e-5)
+
+
 def test_fp16_overflow_is_clipped():
     g = jnp.array([300.0, 1.0], jnp.float16)  # 300**2 > 65504
     tx = oc.clip_by_global_norm(1.0)
@@ -170,6 +197,15 @@ def test_block_norm_mixed_float64_and_float32_leaves_under_x64():
         np.testing.assert_allclose(
             state.clip_stats.post_clip_norm, math.sqrt(2.25), rtol=1e-6
         )
+
+
+def test_block_norm_threshold_keeps_float64_range():
+    # A float64 threshold of 1e300 is not rounded to float32 (inf).
+    with jax.enable_x64(True):
+        g = {"a": jnp.asarray([3e305, 4e305], jnp.float64)}
+        tx = oc.clip_by_block_norm(1e300)
+        out, _ = jax.jit(tx.update)(g, tx.init(g))
+        np.testing.assert_allclose(out["a"], [6e299, 8e299], rtol=1e-12)
 
 
 def test_max_norm_inf_records_stats_but_never_clips():
@@ -300,6 +336,31 @@ def test_value_clip_nonfinite_passes_through_under_propagate():
     np.testing.assert_array_equal(optax.clip(1.0).update(g, None)[0][1:], [1, -1, 1])
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("bound", [0.3, 0.1, 1 / 3])
+def test_value_clip_never_exceeds_its_bounds_in_16_bits(dtype, bound):
+    # Rounded to nearest, a bf16 bound of 0.3 is 0.30078125.
+    g = jnp.array([5.0, -5.0, 0.0], dtype)
+    for tx in (
+        oc.clip_by_value(bound),
+        oc.clip_by_value(min_value=-bound, max_value=bound),
+    ):
+        out = np.asarray(jax.jit(tx.update)(g, tx.init(g))[0], np.float64)
+        assert np.all(np.abs(out) <= bound)
+        assert np.all(np.abs(out[:2]) > bound * (1 - 2**-7))  # the closest inside
+
+
+def test_value_clip_bounds_beyond_the_dtype_range_saturate():
+    g = jnp.array([1.0, -1.0, 60000.0], jnp.float16)
+    tx = oc.clip_by_value(min_value=1e5, max_value=1e6)
+    out, state = jax.jit(tx.update)(g, tx.init(g))
+    np.testing.assert_array_equal(out, [65504.0] * 3)  # not inf
+    assert int(state.clip_stats.is_nonfinite) == 0
+    tx = oc.clip_by_value(1e6)
+    out, _ = jax.jit(tx.update)(g, tx.init(g))
+    np.testing.assert_array_equal(out, g)
+
+
 def test_value_clip_argument_errors():
     with pytest.raises(ValueError, match="either"):
         oc.clip_by_value()
@@ -359,6 +420,18 @@ def test_soft_clip_derivative_continuous_at_knee():
     np.testing.assert_allclose([below, above], [1.0, 1.0], atol=1e-3)
 
 
+@pytest.mark.parametrize("c", [1e38, 2e38, 3e38])
+def test_soft_clip_with_a_huge_concrete_threshold_under_jit(c):
+    # XLA turns a division by a constant into a product with its reciprocal,
+    # subnormal (0) above 8.5e37; eager and traced thresholds were right.
+    g = jnp.array([3.4e38, 0.0], jnp.float32)
+    tx = oc.soft_clip_by_global_norm(c, knee=0.0)
+    want = soft_ref(3.4e38, c, 0.0)
+    for update in (tx.update, jax.jit(tx.update)):
+        out, _ = update(g, tx.init(g))
+        np.testing.assert_allclose(out, [want, 0.0], rtol=1e-5)
+
+
 def test_soft_clip_rejects_bad_knee():
     for knee in (-0.1, 1.0, 2.0, float("nan")):
         with pytest.raises(ValueError):
@@ -391,16 +464,6 @@ def test_construction_errors(factory):
         factory(1.0, nonfinite="ignore")
     factory(jnp.asarray(1.0))  # a concrete JAX scalar is fine
     factory(np.float32(1.0))
-
-
-def test_traced_negative_threshold_clamps_to_zero():
-    g = jnp.array([3.0, 4.0])
-    out = jax.jit(
-        lambda c: oc.clip_by_global_norm(c).update(
-            g, oc.clip_by_global_norm(c).init(g)
-        )[0]
-    )(-1.0)
-    chex.assert_trees_all_equal(out, jnp.zeros(2))
 
 
 # ---------------------------------------------------------------------------
@@ -444,3 +507,101 @@ def test_property_global_norm_clip(values, c):
     # Idempotent: clipping twice equals clipping once.
     twice = np.asarray(_clip(c, jnp.asarray(out, jnp.float32)), np.float64)
     np.testing.assert_allclose(twice, out, rtol=1e-6, atol=1e-30)
+
+
+# ---------------------------------------------------------------------------
+# Property tests (hypothesis): mixed-dtype trees under jax_enable_x64
+# ---------------------------------------------------------------------------
+
+# float64 leaves beside float32, bf16 and fp16 ones: all-zero leaves, tiny
+# values (squares underflow) and huge ones (squares overflow), thresholds
+# from far below to far above the norm.
+MIXED = [np.float64, np.float32, jnp.bfloat16, np.float16]
+MAGNITUDES = {  # (tiny, huge) powers of ten per dtype, inside its normal range
+    np.float64: (-300, 305),
+    np.float32: (-36, 37),
+    jnp.bfloat16: (-36, 37),
+    np.float16: (-4, 4),
+}
+
+
+@st.composite
+def mixed_trees(draw):
+    leaves = {}
+    for i in range(draw(st.integers(1, 4))):
+        dtype = draw(st.sampled_from(MIXED))
+        shape = draw(st.sampled_from([(1,), (3,), (2, 2)]))
+        kind = draw(st.sampled_from(["zero", "unit", "tiny", "huge"]))
+        mant = draw(hnp.arrays(np.float64, shape, elements=st.floats(-9.9, 9.9)))
+        tiny, huge = MAGNITUDES[dtype]
+        exp = {"zero": None, "unit": 0, "tiny": tiny, "huge": huge}[kind]
+        values = np.zeros(shape) if exp is None else mant * 10.0**exp
+        top = 0.9 * float(jnp.finfo(dtype).max)
+        leaves[f"l{i}_{kind}"] = np.clip(values, -top, top).astype(dtype)
+    return leaves
+
+
+def _mixed_fns(p):
+    def global_(c, g):
+        tx = oc.clip_by_global_norm(c, NORM_ARG[p])
+        return tx.update(g, tx.init(g))[0]
+
+    def block(c, g):
+        tx = oc.clip_by_block_norm(c, NORM_ARG[p])
+        return tx.update(g, tx.init(g))[0]
+
+    def soft(c, g):
+        tx = oc.soft_clip_by_global_norm(c, 0.5, NORM_ARG[p])
+        return tx.update(g, tx.init(g))[0]
+
+    return {"global": jax.jit(global_), "block": jax.jit(block), "soft": jax.jit(soft)}
+
+
+_MIXED_FNS = {p: _mixed_fns(p) for p in P_TYPES}
+
+
+def _close(got, want, dtype, all_f64):
+    """Per-leaf tolerance: the leaf's rounding, and the norm's (float32 partial
+    sums of narrower leaves, unless every leaf is float64)."""
+    eps = float(jnp.finfo(dtype).eps)
+    rtol = max(4 * eps, 1e-12 if all_f64 else 1e-6)
+    tiny = float(jnp.finfo(dtype).tiny)  # results below it are flushed to 0
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol, 4 * tiny)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    tree=mixed_trees(),
+    exp=st.sampled_from([-300, -30, -5, 0, 5, 30, 300]),
+    p=st.sampled_from(P_TYPES),
+)
+@example(  # the all-zero mixed tree that came out NaN
+    tree={"a": np.zeros(3), "b": np.zeros(2, np.float32), "c": np.zeros(2, np.float16)},
+    exp=0,
+    p=2.0,
+)
+@example(  # an all-zero float32 leaf beside a live float64 one
+    tree={"a": np.ones(3), "b": np.zeros(2, np.float32)}, exp=0, p=2.0
+)
+def test_property_mixed_dtype_trees_under_x64(tree, exp, p):
+    c = 10.0**exp
+    all_f64 = all(x.dtype == np.float64 for x in tree.values())
+    with jax.enable_x64(True):
+        g = {k: jnp.asarray(v) for k, v in tree.items()}
+        outs = {name: fn(c, g) for name, fn in _MIXED_FNS[p].items()}
+    keys = sorted(tree)
+    leaves = [tree[k] for k in keys]
+    n = reference.norm(leaves, p)
+    want = {
+        "global": reference.rescaled(leaves, min(n, c), n),
+        "soft": reference.rescaled(leaves, reference.soft(n, c, 0.5), n),
+        "block": [
+            reference.rescaled([x], min(m, c), m)[0]
+            for x, m in ((x, reference.norm([x], p)) for x in leaves)
+        ],
+    }
+    for name, out in outs.items():
+        for k, w in zip(keys, want[name], strict=True):
+            assert out[k].dtype == tree[k].dtype, (name, k)
+            assert np.all(np.isfinite(np.asarray(out[k], np.float64))), (name, k)
+            _close(out[k], w, tree[k].dtype, all_f64)
