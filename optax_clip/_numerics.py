@@ -1084,6 +1084,9 @@ def norm_of_arrays(arrays: Sequence[jax.Array], norm_type: float) -> jax.Array:
     non-finite result.
     """
     dtype = jnp.result_type(*arrays, jnp.float32)
+    if all(_local(a) for a in arrays):  # one vector: fewer kernels to compile
+        flat = [jnp.ravel(a).astype(dtype) for a in arrays]
+        return norm_of_values(jnp.concatenate(flat), norm_type)
     mags = [jnp.abs(jnp.asarray(a).astype(dtype)) for a in arrays if jnp.size(a)]
     if not mags:
         return jnp.zeros((), dtype)
