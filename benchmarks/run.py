@@ -22,6 +22,12 @@ d. Compile time of the clip and of ``chain(clip, adamw)`` at 100, 1000 and 3000
    leaves, optax_clip vs optax, each in a fresh subprocess with a timeout.
 e. The adaptive transforms and guards that exist in this version of optax_clip
    vs static global-norm clipping, in the same train step.
+f. Trees like users': a transformer-shaped tree (embedding, attention and MLP
+   matrices, biases, norm scales), and the same tree with a feature that has
+   made a clip slow before (an all-zero leaf, an all-zero tree, a leaf of one
+   repeated value, a leaf of subnormals, float32 and bf16 leaves mixed, tiny
+   and large leaves mixed): each transform alone, time with the feature /
+   time without it (same compiled function where the dtypes allow).
 
 Method: every variant of a table runs in one process on the same arrays, jitted
 once and warmed up, then timed in interleaved repetitions (the order rotates
@@ -84,6 +90,7 @@ class Preset:
     compile_shape: tuple[int, ...]
     optax_compile_max: int  # optax is compiled up to this many leaves
     adaptive_sizes: list[tuple[int, int]]
+    transformer: tuple[int, int, int] = (384, 6, 8192)  # d_model, layers, vocab
 
 
 PRESETS = {
@@ -96,6 +103,7 @@ PRESETS = {
         compile_shape=(8,),
         optax_compile_max=4,
         adaptive_sizes=[(4096, 4)],
+        transformer=(16, 1, 64),
     ),
     "quick": Preset(
         sizes=[(10 * M, 16), (10 * M, 256), (10 * M, 2048)],
@@ -235,6 +243,16 @@ class ClipAlone:
     def __call__(self):
         self.out, self.state = self.fn(self.grads, self.out, self.state)
         return self.out
+
+    @classmethod
+    def sharing(cls, other: ClipAlone, grads) -> ClipAlone:
+        """A case on other gradients with ``other``'s jitted function."""
+        case = cls.__new__(cls)
+        case.fn = other.fn
+        case.grads = tree_copy(grads)
+        case.out = tree_copy(grads)
+        case.state = tree_copy(other.state)
+        return case
 
 
 def _read_pass(grads):
@@ -452,6 +470,109 @@ def section_e(preset: Preset, log) -> list[dict]:
             rows.append(row)
         del cases, params, grads
         gc.collect()
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Section f: trees like users', and features that once made a clip slow.
+# --------------------------------------------------------------------------
+
+
+def transformer_shapes(d: int, layers: int, vocab: int) -> dict[str, Any]:
+    """Leaf shapes of a GPT-style model: embeddings, attention, MLP, norms."""
+    block = {
+        "qkv": (d, 3 * d),
+        "qkv_bias": (3 * d,),
+        "out": (d, d),
+        "out_bias": (d,),
+        "up": (d, 4 * d),
+        "up_bias": (4 * d,),
+        "down": (4 * d, d),
+        "down_bias": (d,),
+        "ln1_scale": (d,),
+        "ln2_scale": (d,),
+    }
+    shapes: dict[str, Any] = {"embed": (vocab, d), "pos": (256, d)}
+    shapes.update({f"block{i}": dict(block) for i in range(layers)})
+    shapes["ln_f_scale"] = (d,)
+    return shapes
+
+
+def trap_trees(tree) -> dict[str, Any]:
+    """``tree`` and copies with one feature each (see section f)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    middle = len(leaves) // 2
+
+    def replaced(i, value):
+        new = list(leaves)
+        new[i] = value
+        return jax.block_until_ready(treedef.unflatten(new))
+
+    dtype = leaves[0].dtype
+    tiny = 1e-40 if dtype != jnp.float16 else 1e-7  # subnormal in the dtype
+    return {
+        "healthy": tree,
+        "zero leaf": replaced(middle, jnp.zeros_like(leaves[middle])),
+        "all-zero tree": jax.tree.map(jnp.zeros_like, tree),
+        "repeated value": replaced(1, jnp.full_like(leaves[1], 0.125)),
+        "subnormal leaf": replaced(middle, jnp.full_like(leaves[middle], tiny)),
+        "tiny and large leaves": jax.tree.map(
+            lambda x: x * jnp.asarray(1e-12 if x.ndim == 1 else 1e6, x.dtype), tree
+        ),
+        "f32 and bf16 leaves": jax.tree.map(
+            lambda x: x.astype(jnp.bfloat16) if x.ndim == 1 else x, tree
+        ),
+    }
+
+
+def _trap_transforms() -> dict[str, optax.GradientTransformation]:
+    return {
+        "clip_by_global_norm": oc.clip_by_global_norm(MAX_NORM),
+        "clip_by_block_norm": oc.clip_by_block_norm(MAX_NORM),
+        "soft_clip_by_global_norm": oc.soft_clip_by_global_norm(MAX_NORM),
+        "clip_by_value": oc.clip_by_value(0.01),
+        "zclip": oc.zclip(),
+        "autoclip": oc.autoclip(),
+        "adagc": oc.adagc(warmup_steps=0),
+    }
+
+
+def section_f(preset: Preset, log) -> list[dict]:
+    rows = []
+    d, layers, vocab = preset.transformer
+    shapes = transformer_shapes(d, layers, vocab)
+    flat_shapes = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    size = sum(math.prod(s) for s in flat_shapes)
+    leaves = [
+        jax.random.normal(jax.random.fold_in(jax.random.key(5), i), shape)
+        for i, shape in enumerate(flat_shapes)
+    ]
+    treedef = jax.tree.structure(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    for dtype in preset.grad_dtypes:
+        cast = [x.astype(dtype) for x in leaves]
+        trees = trap_trees(jax.block_until_ready(treedef.unflatten(cast)))
+        if dtype != "float32":
+            del trees["f32 and bf16 leaves"]
+        for name, tx in _trap_transforms().items():
+            base = ClipAlone(tx, trees["healthy"])
+            cases = {}
+            for variant, grads in trees.items():
+                case = ClipAlone.sharing(base, grads)
+                cases[variant] = case
+            ts = time_interleaved(cases, preset.reps, preset.warmup)
+            for variant, t in ts.items():
+                row = {
+                    "tree": f"transformer {size / M:.1f}M / {len(flat_shapes)} "
+                    f"leaves / {'bf16' if dtype == 'bfloat16' else 'f32'}",
+                    "transform": name,
+                    "variant": variant,
+                    "ms": median_ms(t),
+                    "ratio": paired_ratio(t, ts["healthy"]),
+                }
+                log(f"[f] {row}")
+                rows.append(row)
+            del cases, base
+            gc.collect()
     return rows
 
 
@@ -973,6 +1094,38 @@ def write_report(path: Path, results: dict, meta: dict) -> None:
             ),
             "",
         ]
+    f = results.get("f")
+    if f:
+        worst: dict[str, float] = {}
+        for r in f:
+            if r["variant"] != "healthy":
+                worst[r["transform"]] = max(worst.get(r["transform"], 0), r["ratio"])
+        lines += [
+            "## f. Trees like users', and features that once made a clip slow",
+            "",
+            "Each transform alone on a transformer-shaped tree; ratio = time with "
+            "the feature / time on the healthy tree (the same compiled function, "
+            "but for the mixed-dtype tree). Goal: at most 1.05.",
+            "",
+            *_table(
+                ["tree", "transform", "variant", "ms", "ratio"],
+                [
+                    [
+                        r["tree"],
+                        r["transform"],
+                        r["variant"],
+                        _f(r["ms"]),
+                        _f(r["ratio"], 3),
+                    ]
+                    for r in f
+                ],
+            ),
+            "",
+            "Worst ratio per transform: "
+            + ", ".join(f"{k} {_f(v, 2)}" for k, v in worst.items())
+            + ".",
+            "",
+        ]
     lines += [
         "## Reproduce",
         "",
@@ -1002,7 +1155,7 @@ def main(argv: list[str] | None = None) -> dict:
     mode.add_argument("--quick", action="store_const", const="quick", dest="mode")
     mode.add_argument("--full", action="store_const", const="full", dest="mode")
     mode.add_argument("--tiny", action="store_const", const="tiny", dest="mode")
-    parser.add_argument("--sections", default="abcde")
+    parser.add_argument("--sections", default="abcdef")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
@@ -1081,6 +1234,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["bc"] = section_bc(preset, log, use_torch and "c" in args.sections)
     if "e" in args.sections:
         results["e"] = section_e(preset, log)
+    if "f" in args.sections:
+        results["f"] = section_f(preset, log)
     if "d" in args.sections:
         results["d"] = section_d(preset, log, args.compile_timeout, whats)
     cmd = "python -m benchmarks.run " + " ".join(

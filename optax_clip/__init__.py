@@ -37,6 +37,7 @@ from optax_clip._static import (
     soft_clip_by_global_norm,
 )
 from optax_clip._stats import ClipStats, get_stats
+from optax_clip._validation import NonFinitePolicy
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,7 @@ __all__ = (
     "ClipByValueState",
     "ClipStats",
     "MaxNormSuggestion",
+    "NonFinitePolicy",
     "SkipNonfiniteState",
     "SkipOnSpikeState",
     "SoftClipByGlobalNormState",

@@ -4,9 +4,10 @@ AutoClip (a percentile of recent norms), ZClip (an EMA z-score), AdaGC (a
 per-tensor EMA), AGC (relative to the parameters' norms), and
 :func:`suggest_max_norm` to pick a fixed threshold from recorded norms.
 
-Every transform is built on the shared pipeline: norms from ``_numerics``
-(float32 accumulation, overflow-safe), the threshold decided from the state,
-the scale applied by ``_core`` under the non-finite policy, and the statistics
+Every transform is built on the shared pipeline: norms from ``_norms``
+(float32 accumulation, overflow-safe), a pure decide function per method
+(state and norms in, thresholds and next state out), the scale applied by
+``_apply`` under the non-finite policy, and the statistics
 recorded in a :class:`optax_clip.ClipStats`. States are fixed-shape arrays, so
 they are checkpointable and can be the carry of :func:`jax.lax.scan`. A step
 whose updates hold a NaN or Inf never changes the adaptive statistics, nor
@@ -24,16 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_clip import _core, _numerics, _validation
-from optax_clip._stats import ClipStats, init_clip_stats
+from optax_clip import _apply, _norms, _validation
+from optax_clip._stats import ClipStats, count_if, init_clip_stats
 
 _F32 = jnp.float32
 _I32 = jnp.int32
 
 
-def _finite_increment(count: jax.Array, finite: jax.Array) -> jax.Array:
-    """``count + 1`` (saturating) where ``finite``, else ``count``."""
-    return jnp.where(finite, optax.safe_increment(count), count)
+def _reported(valid, finite, threshold, previous):
+    """The threshold to record for a step.
+
+    The previous one on a step that does not count; NaN on a step whose
+    traced hyper-parameters are out of range.
+    """
+    return _validation.nan_unless(valid, jnp.where(finite, threshold, previous))
 
 
 # --------------------------------------------------------------------------
@@ -87,14 +92,50 @@ def _linear_percentile(values: jax.Array, count: jax.Array, q: jax.Array):
     return a + (b - a) * frac
 
 
+def _autoclip_decide(state: AutoClipState, norm, finite, percentile, cap):
+    """The AutoClip threshold of a step, and the next history (pure).
+
+    Args:
+      state: the transform's state before the step.
+      norm: the step's pre-clip norm (any float dtype).
+      finite: whether the step counts (a finite norm, valid hyper-parameters);
+        a step that does not count leaves the history as it was.
+      percentile: the percentile (0 to 100) of the history to clip to.
+      cap: the upper bound of the threshold (float32).
+
+    Returns:
+      ``(threshold, level, next_state)``: the threshold to clip to (in the
+      norm's dtype: a norm equal to the level is never clipped), the capped
+      percentile (float32) and the state with the next history (its
+      ``clip_stats`` unchanged).
+    """
+    size = state.norm_history.shape[0]
+    n32 = jnp.where(finite, norm, 0).astype(_F32)
+    buf = state.norm_history.at[state.history_pos].set(n32)
+    count = jnp.minimum(state.history_len + 1, size)
+    level = jnp.minimum(_linear_percentile(buf, count, percentile), cap)
+    # Compared in float32 (the history's dtype), also for float64 gradients.
+    threshold = jnp.where(n32 <= level, jnp.maximum(norm, level), level)
+    below = jnp.sum(((jnp.arange(size) < count) & (buf <= n32)).astype(_F32))
+    next_state = state._replace(
+        norm_history=jnp.where(finite, buf, state.norm_history),
+        history_pos=jnp.where(
+            finite, (state.history_pos + 1) % size, state.history_pos
+        ).astype(_I32),
+        history_len=jnp.where(finite, count, state.history_len).astype(_I32),
+        norm_rank=jnp.where(finite, 100.0 * below / count, 100.0).astype(_F32),
+    )
+    return threshold.astype(norm.dtype), level, next_state
+
+
 def autoclip(
     percentile: jax.typing.ArrayLike = 10.0,
     history: int = 1000,
     max_norm: jax.typing.ArrayLike = math.inf,
-    norm_type: Any = "l2",
+    norm_type: _validation.NormType = "l2",
     *,
     nonfinite: _validation.NonFinitePolicy = "propagate",
-    axis_name: Any = None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformation:
     r"""Clips to a percentile of the recent global norms (AutoClip).
 
@@ -174,38 +215,19 @@ def autoclip(
 
     def update_fn(updates, state, params=None):
         del params
-        norm = _numerics.global_norm(updates, p, axes)
+        norm = _norms.global_norm(updates, p, axes)
         # A step with an out-of-range traced hyper-parameter is NaN and, like
         # a non-finite one, leaves the history alone.
         finite = jnp.isfinite(norm) & valid
-        n32 = jnp.where(finite, norm, 0).astype(_F32)
-        buf = state.norm_history.at[state.history_pos].set(n32)
-        count = jnp.minimum(state.history_len + 1, size)
-        level = _linear_percentile(buf, count, percentile)
-        level = jnp.minimum(level, _core.threshold_array(max_norm, _F32))
-        level = _validation.nan_unless(valid, level)
-        # Compare in float32 (the history's dtype): a norm equal to the level
-        # is never clipped, also for float64 gradients.
-        thr = jnp.where(n32 <= level, jnp.maximum(norm, level), level)
-        threshold = _validation.nan_unless(valid, thr.astype(norm.dtype))
-        applied = _core.apply_global(updates, norm, threshold, policy)
-        in_buf = jnp.arange(size) < count
-        below = jnp.sum((in_buf & (buf <= n32)).astype(_F32))
-        rank = jnp.where(finite, 100.0 * below / count.astype(_F32), 100.0)
-        shown = jnp.where(finite, level, state.clip_stats.clip_threshold)
-        stats = _core.record(
-            state.clip_stats, applied, _validation.nan_unless(valid, shown)
+        cap = _apply.threshold_array(max_norm, _F32)
+        threshold, level, next_state = _autoclip_decide(
+            state, norm, finite, percentile, cap
         )
-        new_state = AutoClipState(
-            clip_stats=stats,
-            norm_history=jnp.where(finite, buf, state.norm_history),
-            history_pos=jnp.where(
-                finite, (state.history_pos + 1) % size, state.history_pos
-            ).astype(_I32),
-            history_len=jnp.where(finite, count, state.history_len).astype(_I32),
-            norm_rank=rank.astype(_F32),
-        )
-        return applied.updates, new_state
+        threshold = _validation.nan_unless(valid, threshold)
+        applied = _apply.apply_global(updates, norm, threshold, policy)
+        reported = _reported(valid, finite, level, state.clip_stats.clip_threshold)
+        stats = _apply.record(state.clip_stats, applied, reported)
+        return applied.updates, next_state._replace(clip_stats=stats)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -245,6 +267,80 @@ class ZClipState(NamedTuple):
         return jnp.sqrt(jnp.maximum(self.norm_var, 0))
 
 
+class _ZClipParams(NamedTuple):
+    """ZClip's hyper-parameters that may be traced, as arrays."""
+
+    alpha: jax.Array
+    z_thresh: jax.Array
+    clip_factor: jax.Array
+    eps: jax.Array
+    warmup_steps: jax.Array
+    cap: jax.Array  # max_norm
+
+
+class _ZClipConfig(NamedTuple):
+    """ZClip's static choices."""
+
+    mode: str
+    clip_option: str
+    freeze_ema_on_spike: bool
+
+
+def _zclip_decide(state: ZClipState, norm, finite, hp: _ZClipParams, config):
+    """The ZClip threshold of a step, and the next EMAs (pure).
+
+    Args:
+      state: the transform's state before the step.
+      norm: the step's pre-clip norm.
+      finite: whether the step counts (a finite norm, valid hyper-parameters);
+        a step that does not count leaves the statistics as they were.
+      hp: the hyper-parameters.
+      config: the static choices.
+
+    Returns:
+      ``(threshold, level, next_state)`` (float32): the threshold to clip to,
+      the spike level (``cap`` during warm-up) and the state with the next
+      statistics (its ``clip_stats`` unchanged).
+    """
+    n = jnp.where(finite, norm, 0).astype(_F32)
+    mean, var = state.norm_mean, state.norm_var
+    warm = state.norms_seen < jnp.maximum(hp.warmup_steps, 1)
+    std = jnp.sqrt(jnp.maximum(var, 0))
+    z = (n - mean) / (std + hp.eps)
+    zt = hp.z_thresh
+    if config.mode == "zscore":
+        spike = ~warm & (z > zt)
+        level = mean + zt * (std + hp.eps)
+        if config.clip_option == "adaptive_scaling":
+            z_safe = jnp.where(spike, z, 1.0)
+            target = (mean + zt * std / (z_safe / zt)) * hp.clip_factor
+        else:
+            target = mean
+    else:
+        level = mean + zt * std
+        spike = ~warm & (n > level)
+        target = level
+    threshold = jnp.maximum(jnp.where(spike, jnp.minimum(target, hp.cap), hp.cap), 0)
+    reported = jnp.where(warm, hp.cap, jnp.minimum(level, hp.cap))
+
+    # Welford during warm-up; afterwards EMAs of the clipped norm.
+    k = (state.norms_seen + 1).astype(_F32)
+    delta = n - mean
+    w_mean = mean + delta / k
+    w_var = var + (delta * (n - w_mean) - var) / k
+    fed = jnp.where(spike, target, n)
+    e_mean = hp.alpha * mean + (1 - hp.alpha) * fed
+    e_var = hp.alpha * var + (1 - hp.alpha) * (fed - e_mean) ** 2
+    keep = ~finite | (spike & config.freeze_ema_on_spike)
+    next_state = state._replace(
+        norm_mean=jnp.where(keep, mean, jnp.where(warm, w_mean, e_mean)).astype(_F32),
+        norm_var=jnp.where(keep, var, jnp.where(warm, w_var, e_var)).astype(_F32),
+        norm_zscore=jnp.where(warm | ~finite, 0.0, z).astype(_F32),
+        norms_seen=count_if(state.norms_seen, finite),
+    )
+    return threshold, reported, next_state
+
+
 def zclip(
     alpha: jax.typing.ArrayLike = 0.97,
     z_thresh: jax.typing.ArrayLike = 2.5,
@@ -257,7 +353,7 @@ def zclip(
     *,
     freeze_ema_on_spike: bool = False,
     nonfinite: _validation.NonFinitePolicy = "propagate",
-    axis_name: Any = None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformation:
     r"""Clips norm spikes detected by a z-score against an EMA (ZClip).
 
@@ -370,65 +466,25 @@ def zclip(
             norms_seen=jnp.zeros((), _I32),
         )
 
+    config = _ZClipConfig(mode, clip_option, freeze_ema_on_spike)
+
     def update_fn(updates, state, params=None):
         del params
-        norm = _numerics.global_norm(updates, 2.0, axes)
+        norm = _norms.global_norm(updates, 2.0, axes)
         # An out-of-range traced hyper-parameter: a NaN step, EMAs untouched.
         finite = jnp.isfinite(norm) & valid
-        n = jnp.where(finite, norm, 0).astype(_F32)
-        cap = _core.threshold_array(max_norm, _F32, valid)
-        a = jnp.asarray(alpha, _F32)
-        zt = jnp.asarray(z_thresh, _F32)
-        mean, var = state.norm_mean, state.norm_var
-        warm = state.norms_seen < jnp.maximum(jnp.asarray(warmup_steps, _I32), 1)
-
-        # Decide.
-        std = jnp.sqrt(jnp.maximum(var, 0))
-        z = (n - mean) / (std + jnp.asarray(eps, _F32))
-        if mode == "zscore":
-            spike = ~warm & (z > zt)
-            level = mean + zt * (std + jnp.asarray(eps, _F32))
-            if clip_option == "adaptive_scaling":
-                z_safe = jnp.where(spike, z, 1.0)
-                target = (mean + zt * std / (z_safe / zt)) * jnp.asarray(
-                    clip_factor, _F32
-                )
-            else:
-                target = mean
-        else:
-            level = mean + zt * std
-            spike = ~warm & (n > level)
-            target = level
-        clip_to = jnp.maximum(jnp.where(spike, jnp.minimum(target, cap), cap), 0)
-        shown = jnp.where(warm, cap, jnp.minimum(level, cap))
-
-        # Apply and record.
-        applied = _core.apply_global(updates, norm, clip_to.astype(norm.dtype), policy)
-        shown = jnp.where(finite, shown, state.clip_stats.clip_threshold)
-        shown = _validation.nan_unless(valid, shown)
-        stats = _core.record(state.clip_stats, applied, shown)
-
-        # Next statistics: Welford during warm-up, EMAs of the clipped norm after.
-        k = (state.norms_seen + 1).astype(_F32)
-        delta = n - mean
-        w_mean = mean + delta / k
-        w_var = var + (delta * (n - w_mean) - var) / k
-        fed = jnp.where(spike, target, n)
-        e_mean = a * mean + (1 - a) * fed
-        e_var = a * var + (1 - a) * (fed - e_mean) ** 2
-        keep = ~finite
-        if freeze_ema_on_spike:
-            keep = keep | spike
-        new_mean = jnp.where(warm, w_mean, e_mean)
-        new_var = jnp.where(warm, w_var, e_var)
-        new_state = ZClipState(
-            clip_stats=stats,
-            norm_mean=jnp.where(keep, mean, new_mean).astype(_F32),
-            norm_var=jnp.where(keep, var, new_var).astype(_F32),
-            norm_zscore=jnp.where(warm | ~finite, 0.0, z).astype(_F32),
-            norms_seen=_finite_increment(state.norms_seen, finite),
+        hp = _ZClipParams(
+            *(jnp.asarray(v, _F32) for v in (alpha, z_thresh, clip_factor, eps)),
+            warmup_steps=jnp.asarray(warmup_steps, _I32),
+            cap=_apply.threshold_array(max_norm, _F32, valid),
         )
-        return applied.updates, new_state
+        threshold, level, next_state = _zclip_decide(state, norm, finite, hp, config)
+        applied = _apply.apply_global(
+            updates, norm, threshold.astype(norm.dtype), policy
+        )
+        reported = _reported(valid, finite, level, state.clip_stats.clip_threshold)
+        stats = _apply.record(state.clip_stats, applied, reported)
+        return applied.updates, next_state._replace(clip_stats=stats)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -477,6 +533,58 @@ class AdaGCState(NamedTuple):
         )
 
 
+class _AdaGCParams(NamedTuple):
+    """AdaGC's hyper-parameters that may be traced, as arrays."""
+
+    cap: jax.Array  # max_norm, the warm-up's global threshold
+    clip_ratio: jax.Array
+    beta: jax.Array
+    warmup_steps: jax.Array
+
+
+def _adagc_decide(state: AdaGCState, n, gnorm, finite, hp: _AdaGCParams):
+    """The AdaGC threshold of every tensor, and the next EMAs (pure).
+
+    Works on vectors (one entry per tensor): per-leaf scalar arithmetic would
+    be several tiny kernels per leaf.
+
+    Args:
+      state: the transform's state before the step.
+      n: the tensors' norms (float32 vector, leaf order).
+      gnorm: their global norm.
+      finite: whether the step counts (finite norms, valid hyper-parameters);
+        a step that does not count leaves the EMAs as they were.
+      hp: the hyper-parameters.
+
+    Returns:
+      ``(thresholds, level, next_state)``: each tensor's threshold, the
+      threshold to report (``cap`` during warm-up, else the 2-norm of the
+      thresholds) and the state with the next EMAs (``clip_stats`` unchanged).
+    """
+    gammas, steps = state.tensor_norm_ema, state.adagc_steps
+    warm = steps < hp.warmup_steps
+    first = steps == 0
+    num, den, _ = _apply.clip_factor(gnorm, hp.cap)
+    # n * min(1, cap / gnorm), the warm-up's global clip of each tensor's
+    # norm, computed so that a tiny global scale does not underflow.
+    warm_norms = _apply.divide_by_scalar(n, den) * num
+    ref = jnp.where(first, n, gammas)  # warmup_steps=0: start from the norm
+    local = hp.clip_ratio * ref
+    thresholds = jnp.where(warm, warm_norms, local)
+    warm_gamma = jnp.where(first, warm_norms, jnp.minimum(gammas, warm_norms))
+    ema = hp.beta * ref + (1 - hp.beta) * jnp.minimum(n, local)
+    n_clipped = jnp.sum(~warm & (n > local), dtype=_I32)
+    level = jnp.where(warm, hp.cap, _norms.norm_of_values(thresholds, 2.0))
+    next_state = state._replace(
+        tensor_norm_ema=jnp.where(
+            finite, jnp.where(warm, warm_gamma, ema), gammas
+        ).astype(_F32),
+        adagc_steps=count_if(steps, finite),
+        clipped_tensors=jnp.where(finite, n_clipped, 0).astype(_I32),
+    )
+    return thresholds, level, next_state
+
+
 def adagc(
     max_norm: jax.typing.ArrayLike = 1.0,
     clip_ratio: jax.typing.ArrayLike = 1.04,
@@ -484,7 +592,7 @@ def adagc(
     warmup_steps: jax.typing.ArrayLike = 100,
     *,
     nonfinite: _validation.NonFinitePolicy = "propagate",
-    axis_name: Any = None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformation:
     r"""Per-tensor clipping against an EMA of each tensor's clipped norm (AdaGC).
 
@@ -573,7 +681,7 @@ def adagc(
     def update_fn(updates, state, params=None):
         del params
         gammas = state.tensor_norm_ema
-        norms = _numerics.leaf_norm_vector(updates, 2.0, axes)
+        norms = _norms.leaf_norms(updates, 2.0, axes)
         if gammas.shape != norms.shape:
             raise ValueError(
                 "adagc: the updates have a different tree structure from the "
@@ -581,49 +689,27 @@ def adagc(
                 f"{gammas.shape[0]})."
             )
         if not norms.size:
-            applied = _core.apply_per_leaf(updates, norms, norms, policy, 2.0)
-            stats = _core.record(
+            applied = _apply.apply_per_leaf(updates, norms, norms, policy, 2.0)
+            stats = _apply.record(
                 state.clip_stats, applied, state.clip_stats.clip_threshold
             )
             return updates, state._replace(clip_stats=stats)
-        # The decide step works on vectors (one entry per tensor): per-leaf
-        # scalar arithmetic would be several tiny kernels per leaf.
-        n = norms.astype(_F32)
-        gnorm = _numerics.norm_of_values(n, 2.0)
         # An out-of-range traced hyper-parameter: a NaN step, EMAs untouched.
+        n = norms.astype(_F32)
+        gnorm = _norms.norm_of_values(n, 2.0)
         finite = jnp.isfinite(gnorm) & valid
-        steps = state.adagc_steps
-        warm = steps < jnp.asarray(warmup_steps, _I32)
-        first = steps == 0
-        cap = _core.threshold_array(max_norm, _F32, valid)
-        num, den, _ = _core.clip_factor(gnorm, cap)
-        # n * min(1, cap / gnorm), the warm-up global clip of each tensor's
-        # norm, computed so that a tiny global scale does not underflow.
-        warm_norms = _core.divide_by_scalar(n, den) * num
-        ratio = jnp.asarray(clip_ratio, _F32)
-        b = jnp.asarray(beta, _F32)
-
-        ref = jnp.where(first, n, gammas)  # warmup_steps=0: start from the norm
-        local = ratio * ref
-        thresholds = jnp.where(warm, warm_norms, local)
-        warm_gamma = jnp.where(first, warm_norms, jnp.minimum(gammas, warm_norms))
-        ema = b * ref + (1 - b) * jnp.minimum(n, local)
-        new_gammas = jnp.where(finite, jnp.where(warm, warm_gamma, ema), gammas)
-        n_clipped = jnp.sum((~warm & (n > local)).astype(_I32))
-
-        thresholds = _validation.nan_unless(valid, thresholds.astype(norms.dtype))
-        applied = _core.apply_per_leaf(updates, norms, thresholds, policy, 2.0)
-        shown = jnp.where(warm, cap, _numerics.norm_of_values(thresholds, 2.0))
-        shown = jnp.where(finite, shown, state.clip_stats.clip_threshold)
-        shown = _validation.nan_unless(valid, shown)
-        stats = _core.record(state.clip_stats, applied, shown)
-        new_state = AdaGCState(
-            clip_stats=stats,
-            tensor_norm_ema=new_gammas.astype(_F32),
-            adagc_steps=_finite_increment(steps, finite),
-            clipped_tensors=jnp.where(finite, n_clipped, 0).astype(_I32),
+        hp = _AdaGCParams(
+            cap=_apply.threshold_array(max_norm, _F32, valid),
+            clip_ratio=jnp.asarray(clip_ratio, _F32),
+            beta=jnp.asarray(beta, _F32),
+            warmup_steps=jnp.asarray(warmup_steps, _I32),
         )
-        return applied.updates, new_state
+        thresholds, level, next_state = _adagc_decide(state, n, gnorm, finite, hp)
+        thresholds = _validation.nan_unless(valid, thresholds.astype(norms.dtype))
+        applied = _apply.apply_per_leaf(updates, norms, thresholds, policy, 2.0)
+        reported = _reported(valid, finite, level, state.clip_stats.clip_threshold)
+        stats = _apply.record(state.clip_stats, applied, reported)
+        return applied.updates, next_state._replace(clip_stats=stats)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -677,6 +763,22 @@ def _unit_axes(shape: tuple[int, ...], axis: tuple[int, ...] | None):
         f"adaptive_grad_clip: no default unit for a parameter of shape {shape}; "
         "pass axis= (the axes one unit's norm is taken over)."
     )
+
+
+def _agc_decide(g_norms, p_norms, clipping, eps, valid):
+    """Each unit's limit ``clipping * max(|W_i|, eps)`` and its non-finite flag.
+
+    A unit whose parameters hold a NaN or Inf is flagged like one whose
+    gradient does: the model is already corrupt, and the step says so.
+    """
+    limits, bad = [], []
+    for gn, pn in zip(g_norms, p_norms, strict=True):
+        floor = jnp.maximum(pn.astype(gn.dtype), jnp.asarray(eps, gn.dtype))
+        # lambda * 0 is 0, also for lambda = inf.
+        limit = jnp.where(floor > 0, jnp.asarray(clipping, gn.dtype) * floor, 0)
+        limits.append(_validation.nan_unless(valid, limit))
+        bad.append(~jnp.isfinite(gn) | ~jnp.isfinite(pn))
+    return limits, bad
 
 
 def adaptive_grad_clip(
@@ -794,28 +896,17 @@ def adaptive_grad_clip(
         _validation.float_leaves(updates)
         if not g_leaves:
             zero = jnp.zeros((), _F32)
-            applied = _core.Applied(updates, zero, zero, zero + 1, zero > 0, zero > 0)
+            applied = _apply.Applied(updates, zero, zero, zero + 1, zero > 0, zero > 0)
             return updates, AdaptiveGradClipState(
-                _core.record(state.clip_stats, applied, zero), jnp.zeros((), _I32)
+                _apply.record(state.clip_stats, applied, zero), jnp.zeros((), _I32)
             )
         unit_axes = [_unit_axes(jnp.shape(g), axis) for g in g_leaves]
-        norms = _numerics.unitwise_norms(g_leaves + p_leaves, unit_axes * 2)
+        norms = _norms.unit_norms(g_leaves + p_leaves, unit_axes * 2)
         g_norms, p_norms = norms[: len(g_leaves)], norms[len(g_leaves) :]
-        limits = []
-        for gn, pn in zip(g_norms, p_norms, strict=True):
-            floor = jnp.maximum(pn.astype(gn.dtype), jnp.asarray(eps, gn.dtype))
-            # lambda * 0 is 0, also for lambda = inf.
-            limit = jnp.where(floor > 0, jnp.asarray(clipping, gn.dtype) * floor, 0)
-            limits.append(_validation.nan_unless(valid, limit))
-        # A unit whose parameters hold a NaN or Inf is handled like one whose
-        # gradient does: the model is already corrupt, and the step says so.
-        bad = [
-            ~jnp.isfinite(gn) | ~jnp.isfinite(pn)
-            for gn, pn in zip(g_norms, p_norms, strict=True)
-        ]
-        applied, clipped = _core.apply_per_unit(updates, g_norms, limits, bad, policy)
-        shown = _numerics.norm_of_arrays(limits, 2.0)
-        stats = _core.record(state.clip_stats, applied, shown)
+        limits, bad = _agc_decide(g_norms, p_norms, clipping, eps, valid)
+        applied, clipped = _apply.apply_per_unit(updates, g_norms, limits, bad, policy)
+        shown = _norms.norm_of_arrays(limits, 2.0)
+        stats = _apply.record(state.clip_stats, applied, shown)
         return applied.updates, AdaptiveGradClipState(stats, clipped)
 
     return optax.GradientTransformation(init_fn, update_fn)

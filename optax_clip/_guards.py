@@ -18,15 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_clip import _core, _numerics, _validation
-from optax_clip._stats import ClipStats, init_clip_stats, update_clip_stats
+from optax_clip import _apply, _norms, _validation, _xla_cpu
+from optax_clip._stats import ClipStats, count_if, init_clip_stats
 
 _F32 = jnp.float32
 _I32 = jnp.int32
-
-
-def _saturating_inc(count: jax.Array, flag: jax.Array) -> jax.Array:
-    return jnp.where(flag, optax.safe_increment(count), count)
 
 
 def _guarded_update(inner, skip, updates, inner_state, params, extra_args):
@@ -66,9 +62,9 @@ def _guarded_update(inner, skip, updates, inner_state, params, extra_args):
     out, new_state = inner.update(updates, inner_in, params, **extra_args)
 
     # A scalar predicate: a broadcast one would need each leaf's sharding.
-    out = jax.tree.map(lambda u: _core.select_bits(skip, jnp.zeros_like(u), u), out)
+    out = jax.tree.map(lambda u: _xla_cpu.select(skip, jnp.zeros_like(u), u), out)
     kept = jax.tree.map(
-        lambda n, o: _core.select_bits(skip, o, n), new_state, inner_state
+        lambda n, o: _xla_cpu.select(skip, o, n), new_state, inner_state
     )
     return out, kept
 
@@ -96,25 +92,11 @@ def _loss_scalar(loss: Any) -> jax.Array:
 def _skip_counts(state, skip) -> dict[str, jax.Array]:
     """The guards' ``skipped_steps`` and ``skip_streak`` after a step."""
     return {
-        "skipped_steps": _saturating_inc(state.skipped_steps, skip),
-        "skip_streak": jnp.where(
-            skip, optax.safe_increment(state.skip_streak), 0
-        ).astype(_I32),
+        "skipped_steps": count_if(state.skipped_steps, skip),
+        "skip_streak": jnp.where(skip, count_if(state.skip_streak, True), 0).astype(
+            _I32
+        ),
     }
-
-
-def _gate_stats(stats, norm, skip, nonfinite, threshold):
-    """The wrapper's own ClipStats: a gate of scale 0 (skipped) or 1."""
-    n = norm.astype(_F32)
-    return update_clip_stats(
-        stats,
-        pre_norm=n,
-        post_norm=jnp.where(skip, 0.0, n),
-        scale=jnp.where(skip, 0.0, 1.0),
-        threshold=threshold,
-        clipped=skip & ~nonfinite,
-        nonfinite=nonfinite,
-    )
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -195,7 +177,7 @@ def skip_nonfinite(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        norm = _numerics.global_norm(updates, 2.0, axes)
+        norm = _norms.global_norm(updates, 2.0, axes)
         bad = ~jnp.isfinite(norm)
         loss = extra_args.get("loss")
         if loss is not None:
@@ -203,7 +185,8 @@ def skip_nonfinite(
         out, inner_state = _guarded_update(
             inner, bad, updates, state.guarded_state, params, extra_args
         )
-        stats = _gate_stats(state.clip_stats, norm, bad, bad, jnp.inf)
+        gate = _apply.gate(norm.astype(_F32), bad, bad)
+        stats = _apply.record(state.clip_stats, gate, jnp.inf)
         new_state = SkipNonfiniteState(
             guarded_state=inner_state,
             clip_stats=stats,
@@ -291,7 +274,7 @@ def skip_on_spike(
     sigma: jax.typing.ArrayLike = 6.0,
     *,
     min_history: jax.typing.ArrayLike | None = None,
-    axis_name: Any = None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Skips steps whose gradient norm (or loss) spikes, keeping ``inner``'s state.
 
@@ -389,7 +372,7 @@ def skip_on_spike(
     def update_fn(updates, state, params=None, **extra_args):
         s = jnp.asarray(sigma, _F32)
         need = jnp.asarray(min_history, _I32)
-        norm = _numerics.global_norm(updates, 2.0, axes)
+        norm = _norms.global_norm(updates, 2.0, axes)
         finite = jnp.isfinite(norm)
         n = jnp.where(finite, norm, 0.0).astype(_F32)
         g = _outlier(
@@ -422,7 +405,8 @@ def skip_on_spike(
             inner, skip, updates, state.guarded_state, params, extra_args
         )
         level = _validation.nan_unless(valid, g.level)
-        stats = _gate_stats(state.clip_stats, norm, skip, nonfinite, level)
+        gate = _apply.gate(norm.astype(_F32), skip, nonfinite)
+        stats = _apply.record(state.clip_stats, gate, level)
         new_state = SkipOnSpikeState(
             guarded_state=inner_state,
             clip_stats=stats,

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_clip import _core, _numerics, _validation
+from optax_clip import _apply, _norms, _validation
 from optax_clip._stats import ClipStats, init_clip_stats
 
 
@@ -25,10 +25,10 @@ class ClipByGlobalNormState(NamedTuple):
 
 def clip_by_global_norm(
     max_norm: jax.typing.ArrayLike,
-    norm_type: Any = "l2",
+    norm_type: _validation.NormType = "l2",
     *,
     nonfinite: _validation.NonFinitePolicy = "propagate",
-    axis_name: Any = None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformation:
     r"""Scales the whole update so that its global norm is at most ``max_norm``.
 
@@ -105,10 +105,10 @@ def clip_by_global_norm(
 
     def update_fn(updates, state, params=None):
         del params
-        norm = _numerics.global_norm(updates, p, axes)
-        threshold = _core.threshold_array(max_norm, norm.dtype, valid)
-        applied = _core.apply_global(updates, norm, threshold, policy)
-        stats = _core.record(state.clip_stats, applied, threshold)
+        norm = _norms.global_norm(updates, p, axes)
+        threshold = _apply.threshold_array(max_norm, norm.dtype, valid)
+        applied = _apply.apply_global(updates, norm, threshold, policy)
+        stats = _apply.record(state.clip_stats, applied, threshold)
         return applied.updates, ClipByGlobalNormState(stats)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -128,10 +128,10 @@ class ClipByBlockNormState(NamedTuple):
 
 def clip_by_block_norm(
     max_norm: jax.typing.ArrayLike,
-    norm_type: Any = "l2",
+    norm_type: _validation.NormType = "l2",
     *,
     nonfinite: _validation.NonFinitePolicy = "propagate",
-    axis_name: Any = None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformation:
     r"""Scales each leaf (block, e.g. one layer's weight) to norm at most ``max_norm``.
 
@@ -188,12 +188,12 @@ def clip_by_block_norm(
 
     def update_fn(updates, state, params=None):
         del params
-        norms = _numerics.leaf_norm_vector(updates, p, axes)
+        norms = _norms.leaf_norms(updates, p, axes)
         # In the norms' dtype: a float64 threshold of 1e300 is not inf.
-        threshold = _core.threshold_array(max_norm, norms.dtype, valid)
+        threshold = _apply.threshold_array(max_norm, norms.dtype, valid)
         thresholds = jnp.broadcast_to(threshold, norms.shape)
-        applied = _core.apply_per_leaf(updates, norms, thresholds, policy, p)
-        stats = _core.record(state.clip_stats, applied, threshold)
+        applied = _apply.apply_per_leaf(updates, norms, thresholds, policy, p)
+        stats = _apply.record(state.clip_stats, applied, threshold)
         return applied.updates, ClipByBlockNormState(stats)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -219,7 +219,7 @@ def clip_by_value(
     min_value: jax.typing.ArrayLike | None = None,
     max_value: jax.typing.ArrayLike | None = None,
     nonfinite: _validation.NonFinitePolicy = "propagate",
-    axis_name: Any = None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformation:
     r"""Clips every element of the update into ``[-max_delta, max_delta]``.
 
@@ -296,10 +296,10 @@ def clip_by_value(
 
     def bounds(dtype):
         if symmetric:
-            delta = _core.threshold_array(max_delta, dtype, valid)
+            delta = _apply.threshold_array(max_delta, dtype, valid)
             return -delta, delta
-        lo = _core.threshold_array(min_value, dtype, valid)
-        return lo, _core.threshold_array(max_value, dtype, valid)
+        lo = _apply.threshold_array(min_value, dtype, valid)
+        return lo, _apply.threshold_array(max_value, dtype, valid)
 
     def init_fn(params):
         del params
@@ -308,60 +308,13 @@ def clip_by_value(
 
     def update_fn(updates, state, params=None):
         del params
-        leaves = jax.tree.leaves(updates)
-        dtype = _numerics.tree_accumulation_dtype(leaves)
-        lo, hi = bounds(dtype)
-        top = _numerics.reduce_max(updates, axes)  # -inf for an empty tree
-        bottom = -_numerics.reduce_max(jax.tree.map(jnp.negative, updates), axes)
-        nonfinite = jnp.isnan(top) | (top == jnp.inf) | (bottom == -jnp.inf)
-        # An empty tree has top = -inf < bottom = inf; a NaN makes pre NaN.
-        has_values = (top >= bottom) | jnp.isnan(top) | jnp.isnan(bottom)
-        pre = jnp.where(has_values, jnp.maximum(jnp.abs(top), jnp.abs(bottom)), 0.0)
-        clipped = ((top > hi) | (bottom < lo)) & ~nonfinite
-        post_top, post_bottom = jnp.clip(top, lo, hi), jnp.clip(bottom, lo, hi)
-        post = jnp.where(
-            has_values, jnp.maximum(jnp.abs(post_top), jnp.abs(post_bottom)), 0.0
-        )
-        safe_pre = jnp.where(pre > 0, pre, 1.0)
-        scale = jnp.where(pre > 0, post / safe_pre, 1.0)
-
-        def clip_leaf(x):
-            a, b = _bound_in(lo, x.dtype, up=True), _bound_in(hi, x.dtype, up=False)
-            c = jnp.clip(x, a, b)
-            if policy == "zero_update":
-                return jnp.where(nonfinite, jnp.zeros_like(x), c)
-            return jnp.where(jnp.isfinite(x), c, x)
-
-        out = jax.tree.map(clip_leaf, updates)
-        if policy == "zero_update":
-            scale = jnp.where(nonfinite, 0.0, scale)
-            post = jnp.where(nonfinite, 0.0, post)
-        else:
-            scale = jnp.where(nonfinite, jnp.nan, scale)
-            post = jnp.where(nonfinite, jnp.nan, post)
-        applied = _core.Applied(out, pre, post, scale, clipped, nonfinite)
-        stats = _core.record(state.clip_stats, applied, jnp.maximum(-lo, hi))
-        return out, ClipByValueState(stats)
+        extremes = _norms.tree_extremes(updates, axes)
+        lo, hi = bounds(extremes[0].dtype)
+        applied = _apply.apply_elementwise(updates, (lo, hi), extremes, policy)
+        stats = _apply.record(state.clip_stats, applied, jnp.maximum(-lo, hi))
+        return applied.updates, ClipByValueState(stats)
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _bound_in(bound: jax.Array, dtype: Any, *, up: bool) -> jax.Array:
-    """``bound`` in ``dtype``, rounded inwards and saturated to finite values.
-
-    A lower bound is rounded up and an upper bound down, so that no clipped
-    element lies outside ``[min_value, max_value]`` (round-to-nearest turns a
-    bf16 bound of 0.3 into 0.30078125). A bound beyond the range of ``dtype``
-    becomes its largest finite value (an fp16 bound of 1e5 is not ``inf``).
-    """
-    r = bound.astype(dtype)
-    if jnp.dtype(dtype) != bound.dtype:
-        wide = r.astype(bound.dtype)
-        outside = (wide < bound) if up else (wide > bound)
-        toward = jnp.asarray(jnp.inf if up else -jnp.inf, dtype)
-        r = jnp.where(outside, jnp.nextafter(r, toward), r)
-    top = jnp.finfo(dtype).max
-    return jnp.clip(r, -top, top)
 
 
 class SoftClipByGlobalNormState(NamedTuple):
@@ -390,8 +343,8 @@ def soft_clip_factor(knee: Any):
         # max_norm) into a product with its reciprocal, which is subnormal
         # (flushed to 0) for a width above about 8.5e37 in float32. Both are
         # first scaled (exactly) by a power of two that depends on the norm.
-        e = _numerics._exponent(jnp.maximum(norm, safe_width))
-        f1, f2 = _numerics._pow2_factors(e, norm.dtype)
+        e = _norms.exponent(jnp.maximum(norm, safe_width))
+        f1, f2 = _norms.pow2_factors(e, norm.dtype)
         u = (excess * f1 * f2) / (safe_width * f1 * f2)
         u = jnp.where(has_width, u, jnp.inf)
         soft = tau + width * -jnp.expm1(-u)  # output norm, in [tau, max_norm)
@@ -404,10 +357,10 @@ def soft_clip_factor(knee: Any):
 def soft_clip_by_global_norm(
     max_norm: jax.typing.ArrayLike,
     knee: jax.typing.ArrayLike = 0.5,
-    norm_type: Any = "l2",
+    norm_type: _validation.NormType = "l2",
     *,
     nonfinite: _validation.NonFinitePolicy = "propagate",
-    axis_name: Any = None,
+    axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformation:
     r"""Smoothly scales the update so its global norm saturates at ``max_norm``.
 
@@ -478,10 +431,10 @@ def soft_clip_by_global_norm(
 
     def update_fn(updates, state, params=None):
         del params
-        norm = _numerics.global_norm(updates, p, axes)
-        threshold = _core.threshold_array(max_norm, norm.dtype, valid)
-        applied = _core.apply_global(updates, norm, threshold, policy, factor)
-        stats = _core.record(state.clip_stats, applied, threshold)
+        norm = _norms.global_norm(updates, p, axes)
+        threshold = _apply.threshold_array(max_norm, norm.dtype, valid)
+        applied = _apply.apply_global(updates, norm, threshold, policy, factor)
+        stats = _apply.record(state.clip_stats, applied, threshold)
         return applied.updates, SoftClipByGlobalNormState(stats)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from optax_clip import _validation
 
@@ -64,10 +65,9 @@ def init_clip_stats(threshold: Any = 0.0) -> ClipStats:
     )
 
 
-def _saturating_add(count: jax.Array, flag: jax.Array) -> jax.Array:
-    inc = jnp.asarray(flag).astype(count.dtype)
-    limit = jnp.iinfo(count.dtype).max
-    return jnp.where(count < limit, count + inc, count)
+def count_if(count: jax.Array, flag: Any) -> jax.Array:
+    """``count + 1`` where ``flag``, saturating at the largest value of its dtype."""
+    return jnp.where(flag, optax.safe_increment(count), count).astype(count.dtype)
 
 
 def _narrow_positive(x: jax.Array) -> jax.Array:
@@ -102,9 +102,9 @@ def update_clip_stats(
         clip_threshold=jnp.asarray(threshold).astype(f32),
         is_clipped=clipped.astype(jnp.int32),
         is_nonfinite=nonfinite.astype(jnp.int32),
-        num_updates=_saturating_add(stats.num_updates, True),
-        num_clipped=_saturating_add(stats.num_clipped, clipped),
-        num_nonfinite=_saturating_add(stats.num_nonfinite, nonfinite),
+        num_updates=count_if(stats.num_updates, True),
+        num_clipped=count_if(stats.num_clipped, clipped),
+        num_nonfinite=count_if(stats.num_nonfinite, nonfinite),
     )
 
 

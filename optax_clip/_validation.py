@@ -22,6 +22,10 @@ import numpy as np
 
 #: What a step whose updates hold a NaN or Inf becomes.
 NonFinitePolicy = Literal["propagate", "zero_update"]
+#: A norm: ``"l2"``, ``"l1"`` or ``"inf"`` (or the numbers 2, 1, ``inf``).
+NormType = Literal["l1", "l2", "inf"] | float
+#: The name (or names) of the mapped axes a transform reduces over.
+AxisName = str | tuple[str, ...] | None
 NONFINITE_POLICIES = ("propagate", "zero_update")
 
 #: ``True`` for a concrete value that passed its check, else a traced bool.

@@ -209,3 +209,27 @@ def test_non_float_updates_name_the_leaf(dtype):
 def test_float_leaves_accepts_float_and_complex():
     tree = {"a": jnp.ones(2, jnp.bfloat16), "c": jnp.ones(2, jnp.complex64), "n": None}
     assert len(_validation.float_leaves(tree)) == 2
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [(1, 1.0), (2, 2.0), (2.0, 2.0), (np.inf, np.inf), ("inf", np.inf), ("L2", 2.0)],
+)
+def test_norm_type_names(value, expected):
+    assert _validation.norm_type(value) == expected
+
+
+@pytest.mark.parametrize("value", [3, 0, -1, 0.5, "fro", None, True, [2]])
+def test_unknown_norm_type_rejected(value):
+    with pytest.raises(ValueError, match="norm_type"):
+        _validation.norm_type(value)
+
+
+def test_axis_name_forms():
+    assert _validation.axis_name(None) == ()
+    assert _validation.axis_name("d") == ("d",)
+    assert _validation.axis_name(("d", "m")) == ("d", "m")
+    with pytest.raises(ValueError, match="repeated"):
+        _validation.axis_name(("d", "d"))
+    with pytest.raises(TypeError):
+        _validation.axis_name(1.5)

@@ -1,12 +1,11 @@
-"""Norms against NumPy float64 references: dtypes, overflow, underflow, zero."""
+"""Norms (``_norms``) against NumPy float64 references: dtypes, overflow, zero."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optax_clip import _numerics as num
-from optax_clip import _validation
+from optax_clip import _norms as num
 
 P_TYPES = [1.0, 2.0, np.inf]
 
@@ -137,7 +136,7 @@ def test_nonfinite_input_gives_nonfinite_norm(bad, p):
 def test_empty_tree():
     for empty in ({}, [], None, {"a": None}):
         assert float(num.global_norm(empty)) == 0.0
-        assert num.leaf_norms(empty) == []
+        assert num.leaf_norms(empty).shape == (0,)
 
 
 @pytest.mark.parametrize("p", P_TYPES)
@@ -145,7 +144,7 @@ def test_gradient_of_norm_is_finite_at_zero(p):
     zeros = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
     g = jax.grad(lambda t: num.global_norm(t, p))(zeros)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
-    g = jax.grad(lambda t: sum(num.leaf_norms(t, p)))(zeros)
+    g = jax.grad(lambda t: jnp.sum(num.leaf_norms(t, p)))(zeros)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
 
 
@@ -158,32 +157,8 @@ def test_gradient_of_norm_matches_analytic():
 
 
 def test_norm_of_values():
-    vals = [jnp.float32(3e30), jnp.float32(4e30), jnp.float32(0.0)]
+    vals = jnp.asarray([3e30, 4e30, 0.0], jnp.float32)
     np.testing.assert_allclose(float(num.norm_of_values(vals, 2.0)), 5e30, rtol=1e-6)
     np.testing.assert_allclose(float(num.norm_of_values(vals, 1.0)), 7e30, rtol=1e-6)
     assert float(num.norm_of_values(vals, np.inf)) == pytest.approx(4e30)
-    assert float(num.norm_of_values([], 2.0)) == 0.0
-
-
-@pytest.mark.parametrize(
-    "value,expected",
-    [(1, 1.0), (2, 2.0), (2.0, 2.0), (np.inf, np.inf), ("inf", np.inf), ("L2", 2.0)],
-)
-def test_norm_type_names(value, expected):
-    assert _validation.norm_type(value) == expected
-
-
-@pytest.mark.parametrize("value", [3, 0, -1, 0.5, "fro", None, True, [2]])
-def test_unknown_norm_type_rejected(value):
-    with pytest.raises(ValueError, match="norm_type"):
-        _validation.norm_type(value)
-
-
-def test_axis_name_forms():
-    assert _validation.axis_name(None) == ()
-    assert _validation.axis_name("d") == ("d",)
-    assert _validation.axis_name(("d", "m")) == ("d", "m")
-    with pytest.raises(ValueError, match="repeated"):
-        _validation.axis_name(("d", "d"))
-    with pytest.raises(TypeError):
-        _validation.axis_name(1.5)
+    assert float(num.norm_of_values(jnp.zeros((0,)), 2.0)) == 0.0

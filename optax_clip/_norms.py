@@ -1,0 +1,360 @@
+"""Norms of gradient pytrees: the maths and its promises (private).
+
+Everything that squares, sums or maxes gradients goes through this module:
+
+* **Accumulation dtype.** Sums are taken in float32 for bf16, fp16 and float32
+  leaves, and in float64 for float64 leaves; partial results of different
+  leaves are combined in the widest of these (optax adds per-leaf norms in
+  the gradient dtype, which under-clips bf16 trees).
+* **One plain pass.** Each leaf is read once, for ``s = sum |x|**p`` and
+  ``m = max |x|`` together. When ``s`` is in the normal range, the norm is
+  ``s**(1/p)``; when ``m == 0`` (an all-zero leaf or tree) it is exactly 0.
+  Subnormal values count as zero, as in XLA's arithmetic.
+* **Overflow and underflow.** Otherwise (the squares of a finite gradient
+  overflow, or underflow towards zero) the sum is redone with every value
+  multiplied by ``2**-e``, ``m < 2**e``: the norm is ``2**e (sum |x 2**-e|**p)
+  **(1/p)``. This second pass runs inside ``lax.cond``, only when needed.
+* **Zero is safe.** The root uses the double-``where`` pattern: the norm of an
+  all-zero tree is exactly 0 and its gradient is finite.
+* **Non-finite input** gives a NaN or Inf norm, exactly when some value is NaN
+  or Inf; every finite input gives a finite norm (short of a norm beyond the
+  float range itself).
+
+Which leaves are reduced together is decided once by :mod:`_plan`; partial
+results are combined across mapped axes by :mod:`_collectives`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from optax_clip import _collectives, _plan, _reduce, _validation
+
+INF = math.inf
+accumulation_dtype = _reduce.accumulation_dtype
+
+
+def tree_accumulation_dtype(leaves: Sequence[Any]) -> jnp.dtype:
+    """The widest accumulation dtype over ``leaves`` (float32 for none)."""
+    dtype = jnp.dtype(jnp.float32)
+    for leaf in leaves:
+        dtype = jnp.promote_types(dtype, accumulation_dtype(jnp.result_type(leaf)))
+    return dtype
+
+
+# --------------------------------------------------------------------------
+# Roots and powers of two.
+# --------------------------------------------------------------------------
+
+
+def safe_root(s: jax.Array, p: float) -> jax.Array:
+    """``s**(1/p)`` for ``s >= 0`` with a finite gradient at ``s == 0``."""
+    if p == 1.0:
+        return s
+    positive = s > 0
+    root = jnp.sqrt(jnp.where(positive, s, jnp.ones_like(s)))
+    return jnp.where(positive, root, jnp.zeros_like(s))
+
+
+def in_normal_range(s: jax.Array) -> jax.Array:
+    """True where ``tiny <= s < inf`` (False for NaN, Inf, 0 and subnormals)."""
+    return (s >= jnp.finfo(s.dtype).tiny) & (s < jnp.inf)
+
+
+def float_bits(dtype: Any) -> tuple[Any, int, int]:
+    """``(int type, mantissa bits, exponent bias)`` of a float dtype."""
+    info = jnp.finfo(dtype)
+    return (jnp.int64 if info.bits == 64 else jnp.int32), info.nmant, info.maxexp - 1
+
+
+def pow2(k: jax.Array, dtype: Any) -> jax.Array:
+    """``2**k`` built from its bits, for ``k`` in the normal exponent range.
+
+    Far fewer operations than ``jnp.ldexp`` (a ``pow``): faster to compile.
+    """
+    itype, nmant, bias = float_bits(dtype)
+    return lax.bitcast_convert_type((k.astype(itype) + bias) << nmant, dtype)
+
+
+def pow2_factors(exponent: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """Two normal floats whose product is ``2**-exponent`` (works elementwise).
+
+    Two, because ``2**-exponent`` itself may be subnormal. The values are
+    never divided by the largest magnitude ``m``: XLA turns ``x / m`` into
+    ``x * (1 / m)``, and ``1 / m`` is subnormal for ``m`` near the float max.
+    """
+    half = exponent // 2
+    return pow2(-half, dtype), pow2(half - exponent, dtype)
+
+
+def exponent(m: jax.Array) -> jax.Array:
+    """``e`` with ``m < 2**e`` for ``m >= 0`` (0 for NaN or Inf).
+
+    Read from the exponent bits: at least the smallest normal exponent + 1
+    (a bound, not the exponent, for 0 and subnormals).
+    """
+    itype, nmant, bias = float_bits(m.dtype)
+    field = (lax.bitcast_convert_type(m, itype) >> nmant) & (2 * bias + 1)
+    return jnp.where(jnp.isfinite(m), field - bias + 1, 0).astype(itype)
+
+
+def _root(m: jax.Array, s: jax.Array, p: float, e: jax.Array | None = None):
+    """The norm from ``m = max |x|`` and ``s = sum |x 2**-e|**p``.
+
+    ``m`` itself when it is NaN or Inf; NaN when ``s`` is (a max reduced
+    across devices may have lost the NaN, the sum never does).
+    """
+    root = safe_root(s, p)
+    if e is not None:
+        half = e // 2
+        root = root * pow2(half, s.dtype) * pow2(e - half, s.dtype)
+    root = jnp.where(jnp.isnan(s), s, root)
+    return jnp.where(jnp.isfinite(m), root, m)
+
+
+def _needs_rescale(s: jax.Array, m: jax.Array) -> jax.Array:
+    """Where a finite, non-zero input's plain sum left the normal range.
+
+    Values below the smallest normal float (subnormals) count as zero, as
+    they do in XLA's arithmetic (flushed to zero on CPU and GPU): a leaf of
+    nothing but subnormals has norm 0, without the rescaled pass.
+    """
+    return in_normal_range(m) & ~jnp.isnan(s) & ~in_normal_range(s)
+
+
+# --------------------------------------------------------------------------
+# Global and per-leaf norms of trees.
+# --------------------------------------------------------------------------
+
+
+def _prepare(tree: Any, axis_name: tuple):
+    leaves = [jnp.asarray(x) for x in _validation.float_leaves(tree)]
+    dtype = tree_accumulation_dtype(leaves)
+    plan = _plan.make(leaves, _collectives.leaf_axes(leaves, axis_name))
+    return plan, dtype
+
+
+def _plain_pass(plan: _plan.Plan, p: float, dtype: Any):
+    """Per-row sums and maxima of every segment, in segment order (vectors)."""
+    sums, maxes = [], []
+    for seg in plan.segments:
+        axis = 1 if seg.stacked else None
+        s, m = _reduce.sum_and_max(seg.array, 1.0 if p == INF else p, axis)
+        sums.append(jnp.reshape(s, (-1,)).astype(dtype))
+        maxes.append(jnp.reshape(m, (-1,)).astype(dtype))
+    return sums, maxes
+
+
+def _rescaled_sums(plan: _plan.Plan, p: float, f1: jax.Array, f2: jax.Array):
+    """``sum |x 2**-e|**p`` per row of every segment (segment order), a list.
+
+    ``f1``, ``f2``: the two factors of ``2**-e`` for every row, in segment
+    order; the segments of a branch group share one fused reduction.
+    """
+    parts, start = [], 0
+    groups = dict(plan.branch_groups)
+    i = 0
+    while i < len(plan.segments):
+        seg = plan.segments[i]
+        if i in groups:
+            stop = groups[i]
+            xs = [s.array for s in plan.segments[i:stop]]
+            g1, g2 = (lax.slice_in_dim(f, start, start + len(xs)) for f in (f1, f2))
+            parts.append(_reduce.scaled_sums_each(xs, p, g1, g2).astype(f1.dtype))
+            start, i = start + len(xs), stop
+            continue
+        k = len(seg.leaves)
+        r1, r2 = (lax.slice_in_dim(f, start, start + k) for f in (f1, f2))
+        if seg.stacked:
+            t = _reduce.scaled_sum(seg.array, p, r1[:, None], r2[:, None], 1)
+        else:
+            t = _reduce.scaled_sum(seg.array, p, r1.reshape(()), r2.reshape(()))
+        parts.append(jnp.reshape(t, (-1,)).astype(f1.dtype))
+        start, i = start + k, i + 1
+    return parts
+
+
+def global_norm(tree: Any, norm_type: float = 2.0, axis_name: tuple = ()):
+    """The ``norm_type``-norm of all the values of ``tree`` (1, 2 or ``inf``).
+
+    Returns a scalar in the widest accumulation dtype of the leaves (float32
+    at least); 0 for a tree without values.
+    """
+    plan, dtype = _prepare(tree, axis_name)
+    if not plan.segments:
+        return jnp.zeros((), dtype)
+    sums, maxes = _plain_pass(plan, norm_type, dtype)
+    axes = [seg.axes for seg in plan.segments]
+    scalar_maxes = [_reduce.max_nonneg(v).reshape(1) for v in maxes]
+    m = _reduce.max_nonneg(_collectives.combine(scalar_maxes, axes, "max"))
+    if norm_type == INF:
+        return m
+    p = norm_type
+    s = jnp.sum(
+        _collectives.combine([jnp.sum(v).reshape(1) for v in sums], axes, "sum")
+    )
+
+    def rescaled():
+        e = exponent(m)
+        f1, f2 = _reduce.fusion_barrier(pow2_factors(e, dtype))  # read by every leaf
+        rows = sum(len(seg.leaves) for seg in plan.segments)
+        full = [jnp.broadcast_to(f, (rows,)) for f in (f1, f2)]
+        parts = _rescaled_sums(plan, p, *full)
+        t = _collectives.combine([jnp.sum(v).reshape(1) for v in parts], axes, "sum")
+        return _root(m, jnp.sum(t), p, e)
+
+    return lax.cond(_needs_rescale(s, m), rescaled, lambda: _root(m, s, p))
+
+
+def leaf_norms(tree: Any, norm_type: float = 2.0, axis_name: tuple = ()):
+    """The ``norm_type``-norm of each leaf of ``tree``, as one vector (leaf order).
+
+    In the widest accumulation dtype of the tree; empty for a tree without
+    leaves. Work on this vector rather than on per-leaf scalars: every scalar
+    operation on N separate leaves is N tiny kernels in the compiled step.
+    """
+    plan, dtype = _prepare(tree, axis_name)
+    empty = jnp.zeros((len(plan.empty),), dtype)
+
+    def finish(vec):
+        vec = jnp.concatenate([vec, empty]) if plan.empty else vec
+        return vec if plan.to_leaf_order is None else vec[plan.to_leaf_order]
+
+    if not plan.segments:
+        return finish(jnp.zeros((0,), dtype))
+    sums, maxes = _plain_pass(plan, norm_type, dtype)
+    axes = [seg.axes for seg in plan.segments]
+    m = _collectives.combine(maxes, axes, "max")
+    if norm_type == INF:
+        return finish(m)
+    p = norm_type
+    s = _collectives.combine(sums, axes, "sum")
+    need = _needs_rescale(s, m)
+
+    def rescaled():
+        e = exponent(m)
+        f1, f2 = _reduce.fusion_barrier(pow2_factors(e, dtype))
+        t = _collectives.combine(_rescaled_sums(plan, p, f1, f2), axes, "sum")
+        return jnp.where(need, _root(m, t, p, e), _root(m, s, p))
+
+    return finish(lax.cond(jnp.any(need), rescaled, lambda: _root(m, s, p)))
+
+
+def unit_norms(arrays: Sequence[jax.Array], axes: Sequence[tuple[int, ...]]):
+    """2-norms of each array over its ``axes``, kept as size-1 dimensions.
+
+    One norm per unit, a slice of an array along its ``axes`` (e.g. the
+    fan-in of one output neuron, for adaptive gradient clipping); ``axes=()``
+    gives ``|x|`` elementwise. The same promises as the tree norms, unit by
+    unit; one rescaled pass, for all arrays, only when some unit needs it.
+    """
+    out: list[jax.Array | None] = []
+    todo = []
+    for x, ax in zip(arrays, axes, strict=True):
+        x = jnp.asarray(x)
+        kept = tuple(1 if d in ax else n for d, n in enumerate(x.shape))
+        if x.size == 0:
+            out.append(jnp.zeros(kept, accumulation_dtype(x.dtype)))
+            continue
+        s, m = _reduce.sum_and_max(x, 2.0, ax if ax else ())
+        out.append(None)
+        todo.append((len(out) - 1, x, ax, s.reshape(kept), m.reshape(kept)))
+    if not todo:
+        return out
+    need = [_needs_rescale(s, m) for *_, s, m in todo]
+    any_need = jnp.any(jnp.stack([jnp.any(n) for n in need]))
+
+    def plain():
+        return [_root(m, s, 2.0) for *_, s, m in todo]
+
+    def rescaled():
+        norms = []
+        for (_, x, ax, s, m), n in zip(todo, need, strict=True):
+            e = exponent(m)
+            f1, f2 = pow2_factors(e, m.dtype)
+            t = _reduce.scaled_sum(x, 2.0, f1, f2, ax if ax else ()).reshape(m.shape)
+            norms.append(jnp.where(n, _root(m, t, 2.0, e), _root(m, s, 2.0)))
+        return norms
+
+    for (i, *_), norm in zip(todo, lax.cond(any_need, rescaled, plain), strict=True):
+        out[i] = norm
+    return out
+
+
+def norm_of_values(values: jax.Array, norm_type: float) -> jax.Array:
+    """The ``norm_type``-norm of a small vector (e.g. per-leaf norms), always rescaled.
+
+    Used to turn per-leaf or per-unit norms into a global one without reading
+    the gradients again. NaN or Inf values give a NaN or Inf result.
+    """
+    v = jnp.abs(values.astype(jnp.result_type(values, jnp.float32)))
+    if v.size == 0:
+        return jnp.zeros((), v.dtype)
+    m = _reduce.max_nonneg(v.ravel())
+    if norm_type == INF:
+        return m
+    e = exponent(m)
+    f1, f2 = pow2_factors(e, v.dtype)
+    a = v * f1 * f2
+    return _root(m, jnp.sum(a * a if norm_type == 2.0 else a), norm_type, e)
+
+
+def norm_of_arrays(arrays: Sequence[jax.Array], norm_type: float) -> jax.Array:
+    """:func:`norm_of_values` of all the values of a few small arrays.
+
+    Arrays that may be sharded are reduced one by one (raveling or
+    concatenating them fails under ``Explicit`` mesh axes).
+    """
+    dtype = jnp.result_type(*arrays, jnp.float32)
+    if all(_plan.is_local(a) for a in arrays):
+        flat = [jnp.ravel(a).astype(dtype) for a in arrays]
+        return norm_of_values(jnp.concatenate(flat), norm_type)
+    mags = [jnp.abs(a.astype(dtype)) for a in arrays if a.size]
+    if not mags:
+        return jnp.zeros((), dtype)
+    m = _collectives.nan_max(jnp.stack([_collectives.nan_max(a) for a in mags]))
+    if norm_type == INF:
+        return m
+    e = exponent(m)
+    f1, f2 = pow2_factors(e, dtype)
+    scaled = [a * f1 * f2 for a in mags]
+    s = sum(jnp.sum(a * a if norm_type == 2.0 else a) for a in scaled)
+    return _root(m, s, norm_type, e)
+
+
+def tree_extremes(tree: Any, axis_name: tuple = ()):
+    """``(max x, min x, max |x|)`` over all values of ``tree`` and mapped axes.
+
+    ``-inf``, ``inf`` and 0 for a tree without values; ``max |x|`` is NaN if
+    some value is NaN.
+    """
+    leaves = [jnp.asarray(x) for x in _validation.float_leaves(tree)]
+    dtype = tree_accumulation_dtype(leaves)
+    leaves_axes = _collectives.leaf_axes(leaves, axis_name)
+    parts = [
+        (_reduce.extremes(x), ax)
+        for x, ax in zip(leaves, leaves_axes, strict=True)
+        if x.size
+    ]
+    if not parts:
+        return (
+            jnp.asarray(-jnp.inf, dtype),
+            jnp.asarray(jnp.inf, dtype),
+            jnp.zeros((), dtype),
+        )
+    axes = [ax for _, ax in parts]
+
+    def combined(k, op, sign=1.0):
+        vecs = [(sign * e[k].astype(dtype)).reshape(1) for e, _ in parts]
+        return _collectives.combine(vecs, axes, op)
+
+    top = jnp.max(combined(0, "max"))
+    bottom = -jnp.max(combined(1, "max", -1.0))
+    mag = _reduce.max_nonneg(combined(2, "max"))
+    return top, bottom, mag

@@ -1,0 +1,313 @@
+"""The reductions every norm is made of, each one pass over its input (private).
+
+* :func:`sum_and_max`: ``sum |x|**p`` and ``max |x|`` together (the plain pass).
+  The max is taken over the bit patterns of ``|x|`` as integers: for
+  non-negative floats they are ordered like the values, every NaN is above
+  ``inf`` (so a NaN is never dropped, which XLA's float max reductions do
+  on CPU and across devices), and integer maxima are fast to reduce.
+* :func:`scaled_sums`: ``sum |x * f|**p`` for the rescaled pass.
+* :func:`extremes`: ``max x``, ``min x`` and ``max |x|`` together.
+
+Each reads an array known to be local or replicated once, with one fused
+reduction of several outputs; an array that may be sharded takes standard
+``jnp`` reductions instead, which the SPMD partitioner can split across
+devices. Differentiated through equivalent ``jnp`` expressions.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from optax_clip import _plan, _xla_cpu
+
+
+def accumulation_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype norms of ``dtype`` values are accumulated in (f32 or wider)."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        dtype = jnp.finfo(dtype).dtype  # the real part's dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return jnp.dtype(jnp.float32)
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _int_of(dtype: Any):
+    return {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[jnp.dtype(dtype).itemsize]
+
+
+def _axes(ndim: int, axis: Any) -> tuple[int, ...]:
+    """``axis`` (None, an int or ints, possibly negative) as sorted axes."""
+    if axis is None:
+        return tuple(range(ndim))
+    return tuple(sorted({d % ndim for d in np.atleast_1d(axis).tolist()}))
+
+
+def magnitude(x: jax.Array, dtype: Any) -> jax.Array:
+    """``|x|`` in ``dtype`` (complex-safe)."""
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return _xla_cpu.convert(lax.abs(x), dtype)
+    return lax.abs(_xla_cpu.convert(x, dtype))
+
+
+def _summand(a: jax.Array, p: float) -> jax.Array:
+    """``a**p`` of ``a = |x| >= 0`` (p is 1 or 2)."""
+    return lax.mul(a, a) if p == 2.0 else a
+
+
+# --------------------------------------------------------------------------
+# The plain pass: sum |x|**p and max |x|.
+# --------------------------------------------------------------------------
+
+
+def sum_and_max(x: jax.Array, p: float, axis: Any = None):
+    """``(sum |x|**p, max |x|)`` over ``axis`` (all by default), one pass.
+
+    Both in the accumulation dtype of ``x``; the max is NaN if ``x`` holds a
+    NaN. ``p`` is 1 or 2.
+    """
+    acc = accumulation_dtype(x.dtype)
+    axes = _axes(x.ndim, axis)
+    if not axes:  # elementwise (a scalar, or units of one value)
+        a = magnitude(x, acc)
+        return _summand(a, p), a
+    if not _plan.is_local(x):
+        a = magnitude(x, acc)  # may be sharded: reductions the partitioner splits
+        return jnp.sum(_summand(a, p), axis=axes), _nan_safe_max(a, axes)
+    return _fused_sum_and_max(x, p, axes)
+
+
+def _nan_safe_max(a: jax.Array, axes: tuple) -> jax.Array:
+    m = jnp.max(a, axis=axes)
+    return jnp.where(jnp.any(jnp.isnan(a), axis=axes), jnp.nan, m)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _fused_sum_and_max(x: jax.Array, p: float, axes: tuple):
+    acc = accumulation_dtype(x.dtype)
+    itype = _int_of(acc)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        a = magnitude(x, acc)
+        bits = lax.bitcast_convert_type(a, itype)
+    else:
+        a = _xla_cpu.convert(x, acc)
+        # |a| as bits: the sign bit cleared (an integer op, fused for free).
+        sign_off = jnp.asarray(np.iinfo(itype).max, itype)
+        bits = lax.bitwise_and(lax.bitcast_convert_type(a, itype), sign_off)
+        if p != 2.0:
+            a = lax.abs(a)
+
+    def add_and_max(u, v):
+        return lax.add(u[0], v[0]), lax.max(u[1], v[1])
+
+    zero = (jnp.zeros((), acc), jnp.zeros((), itype))
+    s, m = lax.reduce((_summand(a, p), bits), zero, add_and_max, axes)
+    return s, lax.bitcast_convert_type(m, acc)
+
+
+@_fused_sum_and_max.defjvp
+def _fused_sum_and_max_jvp(p, axes, primals, tangents):
+    (x,), (t,) = primals, tangents
+
+    def reference(x):
+        a = magnitude(x, accumulation_dtype(x.dtype))
+        return jnp.sum(_summand(a, p), axis=axes), jnp.max(a, axis=axes)
+
+    return _fused_sum_and_max(x, p, axes), jax.jvp(reference, (x,), (t,))[1]
+
+
+def max_nonneg(v: jax.Array) -> jax.Array:
+    """``max(v)`` of a vector ``v >= 0``; NaN if ``v`` holds a NaN."""
+    return _fused_sum_and_max(v, 1.0, _axes(v.ndim, None))[1].astype(v.dtype)
+
+
+# --------------------------------------------------------------------------
+# The rescaled pass: sum |x * f1 * f2|**p.
+# --------------------------------------------------------------------------
+
+
+def _rescaled(x: jax.Array, f1: jax.Array, f2: jax.Array, p: float) -> jax.Array:
+    """``|x * f1 * f2|**p`` elementwise, in the factors' dtype.
+
+    The factors are two powers of two (normal floats). In a tree with float64
+    leaves they are float64, and narrower leaves are rescaled in float64 too
+    (the factors of a tiny magnitude are beyond the float32 range).
+    """
+    dtype = jnp.promote_types(accumulation_dtype(x.dtype), f1.dtype)
+    f1, f2 = (_xla_cpu.convert(f, dtype) for f in (f1, f2))
+
+    def scale(a):  # lax for scalars (fast to trace); jnp broadcasts the others
+        return lax.mul(lax.mul(a, f1), f2) if f1.ndim == 0 else a * f1 * f2
+
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        re, im = (scale(_xla_cpu.convert(c, dtype)) for c in (lax.real(x), lax.imag(x)))
+        sq = lax.add(lax.mul(re, re), lax.mul(im, im))
+        return sq if p == 2.0 else lax.sqrt(sq)
+    a = _xla_cpu.convert(_xla_cpu.magnitude_in_branch(x), dtype)
+    return _summand(scale(a), p)
+
+
+def scaled_sum(x: jax.Array, p: float, f1, f2, axis: Any = None) -> jax.Array:
+    """``sum |x * f1 * f2|**p`` over ``axis``; ``f1``, ``f2`` broadcast to ``x``."""
+    axes = _axes(x.ndim, axis)
+    summands = _rescaled(x, f1, f2, p)
+    if not axes:
+        return summands
+    if _xla_cpu.enabled() and _plan.is_local(x):
+        return _compensated_sums((summands,), axes)[0]
+    return jnp.sum(summands, axis=axes)
+
+
+def scaled_sums_each(xs, p: float, f1: jax.Array, f2: jax.Array) -> jax.Array:
+    """``sum |x_i * f1[i] * f2[i]|**p`` of same-shape local ``xs``, a vector."""
+    summands = tuple(
+        _rescaled(x, f1[i], f2[i], p) for i, x in enumerate(xs)
+    )  # fmt: skip
+    axes = _axes(xs[0].ndim, None)
+    if _xla_cpu.enabled():
+        return _compensated_sums(summands, axes)
+    return jnp.stack([jnp.sum(s) for s in summands])
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _compensated_sums(arrays: tuple, axes: tuple) -> jax.Array:
+    """Compensated (Neumaier) sums of same-shape ``arrays``: one kernel, stacked.
+
+    XLA:CPU hands a plain ``jnp.sum`` of computed values to YNNPACK, which
+    writes the values out first; a reduction of two outputs is fused with
+    its producers.
+    """
+    n = len(arrays)
+
+    def add(u, v):
+        out_s, out_c = [], []
+        for i in range(n):
+            s1, c1, s2, c2 = u[i], u[n + i], v[i], v[n + i]
+            t = s1 + s2
+            err = jnp.where(jnp.abs(s1) >= jnp.abs(s2), (s1 - t) + s2, (s2 - t) + s1)
+            out_s.append(t)
+            out_c.append((c1 + c2) + err)
+        return tuple(out_s) + tuple(out_c)
+
+    zeros = tuple(jnp.zeros((), a.dtype) for a in arrays)
+    comps = tuple(lax.full_like(a, 0) for a in arrays)
+    out = lax.reduce(tuple(arrays) + comps, zeros + zeros, add, axes)
+    return jnp.stack(out[:n]) + jnp.stack(out[n:])
+
+
+@_compensated_sums.defjvp
+def _compensated_sums_jvp(axes, primals, tangents):
+    (arrays,), (ts,) = primals, tangents
+    tangent = jnp.stack([jnp.sum(t, axis=axes) for t in ts])
+    return _compensated_sums(arrays, axes), tangent
+
+
+# --------------------------------------------------------------------------
+# max x, min x and max |x| (clip_by_value).
+# --------------------------------------------------------------------------
+
+
+def extremes(x: jax.Array):
+    """``(max x, min x, max |x|)`` of a real ``x`` in its accumulation dtype.
+
+    ``max |x|`` is NaN if ``x`` holds a NaN (the others may not be).
+    """
+    acc = accumulation_dtype(x.dtype)
+    a = _xla_cpu.convert(x, acc)
+    axes = _axes(x.ndim, None)
+    if not _plan.is_local(x):
+        return jnp.max(a), jnp.min(a), _nan_safe_max(lax.abs(a), axes)
+    return _fused_extremes(a)
+
+
+@jax.custom_jvp
+def _fused_extremes(a: jax.Array):
+    """One pass over integer keys: the float order, as signed integers."""
+    itype = _int_of(a.dtype)
+    low = jnp.asarray(np.iinfo(itype).max, itype)
+    bits = lax.bitcast_convert_type(a, itype)
+    # Negative floats: flip the magnitude bits, so larger keys are larger values.
+    keys = lax.bitwise_xor(
+        bits,
+        lax.bitwise_and(
+            lax.shift_right_arithmetic(
+                bits, jnp.asarray(np.iinfo(itype).bits - 1, itype)
+            ),
+            low,
+        ),
+    )
+    mags = lax.bitwise_and(bits, low)
+
+    def pick(u, v):
+        return lax.max(u[0], v[0]), lax.min(u[1], v[1]), lax.max(u[2], v[2])
+
+    inits = (
+        jnp.asarray(np.iinfo(itype).min, itype),
+        jnp.asarray(np.iinfo(itype).max, itype),
+        jnp.zeros((), itype),
+    )
+    top, bottom, mag = lax.reduce((keys, keys, mags), inits, pick, tuple(range(a.ndim)))
+
+    def value(k):  # the key's float (the flip is its own inverse)
+        flip = lax.bitwise_and(
+            lax.shift_right_arithmetic(k, jnp.asarray(np.iinfo(itype).bits - 1, itype)),
+            low,
+        )
+        return lax.bitcast_convert_type(lax.bitwise_xor(k, flip), a.dtype)
+
+    return value(top), value(bottom), lax.bitcast_convert_type(mag, a.dtype)
+
+
+@_fused_extremes.defjvp
+def _fused_extremes_jvp(primals, tangents):
+    (a,), (t,) = primals, tangents
+
+    def reference(a):
+        return jnp.max(a), jnp.min(a), jnp.max(jnp.abs(a))
+
+    return _fused_extremes(a), jax.jvp(reference, (a,), (t,))[1]
+
+
+# --------------------------------------------------------------------------
+# Computed once, not inside every consumer.
+# --------------------------------------------------------------------------
+
+
+@jax.custom_jvp
+def fusion_barrier(x: Any) -> Any:
+    """Computes the small values ``x`` (a pytree) once, not inside each consumer.
+
+    XLA fuses cheap scalar arithmetic into every kernel that reads its result:
+    a scale derived from the partial sums of all N leaves and read by N
+    per-leaf kernels is then recomputed inside each of them (O(N**2)
+    instructions to compile). A sort, which XLA never fuses, prevents it
+    (``lax.optimization_barrier`` does not on XLA:CPU). The values are sorted
+    by a constant key (a no-op). Differentiated as the identity.
+    """
+    leaves, treedef = jax.tree.flatten(x)
+    if not leaves:
+        return x
+    arrays = [jnp.asarray(v) for v in leaves]
+    width = max(v.size for v in arrays)
+    flat = [
+        jnp.pad(
+            jnp.broadcast_to(v.reshape(1, -1), (2, v.size)),
+            ((0, 0), (0, width - v.size)),
+        )
+        for v in arrays
+    ]
+    keys = lax.broadcasted_iota(jnp.int32, (2, width), 0)
+    out = lax.sort((keys, *flat), dimension=0, num_keys=1)[1:]
+    res = [o[0, : v.size].reshape(v.shape) for o, v in zip(out, arrays, strict=True)]
+    return jax.tree.unflatten(treedef, res)
+
+
+@fusion_barrier.defjvp
+def _fusion_barrier_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return fusion_barrier(x), t

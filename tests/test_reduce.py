@@ -1,0 +1,97 @@
+"""The fused reductions (``_reduce``) against NumPy, gradients included."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optax_clip import _reduce
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+
+def _values(dtype, seed=0, shape=(37, 11)):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.normal(size=shape) * 3.0, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [1.0, 2.0])
+@pytest.mark.parametrize("axis", [None, 0, 1, (0, 1)])
+def test_sum_and_max_matches_numpy(dtype, p, axis):
+    x = _values(dtype)
+    s, m = jax.jit(lambda x: _reduce.sum_and_max(x, p, axis))(x)
+    a = np.abs(np.asarray(x, np.float64))
+    np.testing.assert_allclose(s, np.sum(a**p, axis=axis), rtol=1e-5)
+    np.testing.assert_array_equal(m, np.max(a, axis=axis).astype(np.float32))
+    assert s.dtype == m.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_sum_and_max_keep_nan_and_inf(bad):
+    x = jnp.zeros(20_000).at[12_345].set(bad)  # XLA:CPU's float max drops NaN
+    s, m = jax.jit(lambda x: _reduce.sum_and_max(x, 2.0))(x)
+    assert (np.isnan(m) and np.isnan(s)) if np.isnan(bad) else (m == s == np.inf)
+    assert float(_reduce.max_nonneg(jnp.abs(x))) != 0.0
+
+
+def test_sum_and_max_complex_and_gradient():
+    x = jnp.asarray([3 + 4j, 1j, -2.0], jnp.complex64)
+    s, m = _reduce.sum_and_max(x, 2.0)
+    np.testing.assert_allclose([s, m], [30.0, 5.0], rtol=1e-6)
+    v = jnp.asarray([3.0, -4.0, 1.0])
+    ds = jax.grad(lambda v: _reduce.sum_and_max(v, 2.0)[0])(v)
+    dm = jax.grad(lambda v: _reduce.sum_and_max(v, 2.0)[1])(v)
+    np.testing.assert_allclose(ds, 2 * np.asarray(v))
+    np.testing.assert_allclose(dm, [0.0, -1.0, 0.0])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_extremes_match_numpy(dtype):
+    x = _values(dtype, 1)
+    for a in (x, -jnp.abs(x), jnp.abs(x), jnp.asarray([-0.0, 0.0], dtype)):
+        top, bottom, mag = jax.jit(_reduce.extremes)(a)
+        v = np.asarray(a, np.float64)
+        assert (float(top), float(bottom)) == (v.max(), v.min())
+        assert float(mag) == np.abs(v).max()
+    for bad in (np.nan, np.inf, -np.inf):
+        top, bottom, mag = _reduce.extremes(x.at[3, 4].set(bad))
+        assert np.isnan(mag) if np.isnan(bad) else mag == np.inf
+        if bad == np.inf:
+            assert top == np.inf
+        if bad == -np.inf:
+            assert bottom == -np.inf
+    g = jax.grad(lambda a: _reduce.extremes(a)[0] - _reduce.extremes(a)[1])(
+        jnp.asarray([1.0, -2.0, 0.5])
+    )
+    np.testing.assert_array_equal(g, [1.0, -1.0, 0.0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scaled_sums_match_numpy(dtype):
+    xs = [_values(dtype, i, (9, 5)) for i in range(3)]
+    f1 = jnp.asarray([0.5, 0.25, 2.0])
+    f2 = jnp.asarray([0.5, 1.0, 4.0])
+    want = [
+        np.sum((np.asarray(x, np.float64) * a * b) ** 2)
+        for x, a, b in zip(xs, f1, f2, strict=True)
+    ]
+    got = jax.jit(lambda xs: _reduce.scaled_sums_each(xs, 2.0, f1, f2))(xs)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    one = jax.jit(lambda x: _reduce.scaled_sum(x, 1.0, f1[0], f2[0], 1))(xs[0])
+    np.testing.assert_allclose(
+        one, np.sum(np.abs(np.asarray(xs[0], np.float64)) / 4, 1), 1e-5
+    )
+
+
+def test_fusion_barrier_is_the_identity():
+    x = {"a": jnp.float32(2.0), "b": jnp.arange(3), "c": jnp.bool_(True)}
+    out = _reduce.fusion_barrier(x)
+    for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(out), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    f = jax.jit(jax.grad(lambda v: _reduce.fusion_barrier(v * v) * 3.0))
+    assert float(f(2.0)) == 12.0
+    np.testing.assert_array_equal(
+        jax.vmap(_reduce.fusion_barrier)(jnp.arange(4.0)), np.arange(4.0)
+    )
