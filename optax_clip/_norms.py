@@ -145,10 +145,20 @@ def _plain_pass(plan: _plan.Plan, p: float, dtype: Any):
     sums, maxes = [], []
     for seg in plan.segments:
         axis = 1 if seg.stacked else None
-        s, m = _reduce.sum_and_max(seg.array, 1.0 if p == INF else p, axis)
+        s, m = _reduce.sum_and_max(seg.array, 1.0 if p == INF else p, axis, seg.local)
         sums.append(jnp.reshape(s, (-1,)).astype(dtype))
         maxes.append(jnp.reshape(m, (-1,)).astype(dtype))
     return sums, maxes
+
+
+def _units(plan: _plan.Plan):
+    """The segments in reduction units for a total: each branch group, or one."""
+    groups = dict(plan.branch_groups)
+    i = 0
+    while i < len(plan.segments):
+        stop = groups.get(i, i + 1)
+        yield plan.segments[i:stop]
+        i = stop
 
 
 def _rescaled_sums(plan: _plan.Plan, p: float, f1: jax.Array, f2: jax.Array):
@@ -162,7 +172,7 @@ def _rescaled_sums(plan: _plan.Plan, p: float, f1: jax.Array, f2: jax.Array):
     i = 0
     while i < len(plan.segments):
         seg = plan.segments[i]
-        if i in groups:
+        if i in groups and not seg.stacked:  # one output per leaf
             stop = groups[i]
             xs = [s.array for s in plan.segments[i:stop]]
             g1, g2 = (lax.slice_in_dim(f, start, start + len(xs)) for f in (f1, f2))
@@ -172,9 +182,10 @@ def _rescaled_sums(plan: _plan.Plan, p: float, f1: jax.Array, f2: jax.Array):
         k = len(seg.leaves)
         r1, r2 = (lax.slice_in_dim(f, start, start + k) for f in (f1, f2))
         if seg.stacked:
-            t = _reduce.scaled_sum(seg.array, p, r1[:, None], r2[:, None], 1)
+            t = _reduce.scaled_sum(seg.array, p, r1[:, None], r2[:, None], 1, True)
         else:
-            t = _reduce.scaled_sum(seg.array, p, r1.reshape(()), r2.reshape(()))
+            f = (r1.reshape(()), r2.reshape(()))
+            t = _reduce.scaled_sum(seg.array, p, *f, None, seg.local)
         parts.append(jnp.reshape(t, (-1,)).astype(f1.dtype))
         start, i = start + k, i + 1
     return parts
@@ -189,24 +200,35 @@ def global_norm(tree: Any, norm_type: float = 2.0, axis_name: tuple = ()):
     plan, dtype = _prepare(tree, axis_name)
     if not plan.segments:
         return jnp.zeros((), dtype)
-    sums, maxes = _plain_pass(plan, norm_type, dtype)
-    axes = [seg.axes for seg in plan.segments]
-    scalar_maxes = [_reduce.max_nonneg(v).reshape(1) for v in maxes]
-    m = _reduce.max_nonneg(_collectives.combine(scalar_maxes, axes, "max"))
+    # A total: each branch group (same-shape local leaves) is one reduction.
+    units = list(_units(plan))
+    axes = [segs[0].axes for segs in units]
+    pp = 1.0 if norm_type == INF else norm_type
+    sums, maxes = [], []
+    for segs in units:
+        if len(segs) == 1:
+            seg = segs[0]
+            s, m = _reduce.sum_and_max(seg.array, pp, None, seg.local)
+        else:
+            s, m = _reduce.sum_and_max_of_all([seg.array for seg in segs], pp)
+        sums.append(s.reshape(1).astype(dtype))
+        maxes.append(m.reshape(1).astype(dtype))
+    m = _reduce.max_nonneg(_collectives.combine(maxes, axes, "max"))
     if norm_type == INF:
         return m
     p = norm_type
-    s = jnp.sum(
-        _collectives.combine([jnp.sum(v).reshape(1) for v in sums], axes, "sum")
-    )
+    s = jnp.sum(_collectives.combine(sums, axes, "sum"))
 
     def rescaled():
         e = exponent(m)
         f1, f2 = _reduce.fusion_barrier(pow2_factors(e, dtype))  # read by every leaf
-        rows = sum(len(seg.leaves) for seg in plan.segments)
-        full = [jnp.broadcast_to(f, (rows,)) for f in (f1, f2)]
-        parts = _rescaled_sums(plan, p, *full)
-        t = _collectives.combine([jnp.sum(v).reshape(1) for v in parts], axes, "sum")
+        parts = [
+            _reduce.scaled_sum_of_all([g.array for g in segs], p, f1, f2, segs[0].local)
+            for segs in units
+        ]
+        t = _collectives.combine(
+            [v.reshape(1).astype(dtype) for v in parts], axes, "sum"
+        )
         return _root(m, jnp.sum(t), p, e)
 
     return lax.cond(_needs_rescale(s, m), rescaled, lambda: _root(m, s, p))

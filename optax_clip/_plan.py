@@ -55,6 +55,7 @@ class Segment:
       local: whether ``array`` is known to be local or replicated, so that a
         fused custom reduction may read it (the SPMD partitioner cannot split
         one across devices, and would gather a sharded array).
+      key: what segments must share to be grouped (None: never grouped).
     """
 
     array: jax.Array
@@ -62,6 +63,7 @@ class Segment:
     axes: tuple
     stacked: bool
     local: bool
+    key: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +131,7 @@ def is_local(x: Any) -> bool:
 def make(leaves: Sequence[jax.Array], leaf_axes: Sequence[tuple]) -> Plan:
     """The plan for ``leaves`` (arrays) whose partials combine over ``leaf_axes``."""
     auto = _auto_context()
-    singles: list[Segment] = []
+    segments: list[Segment] = []
     tiny: dict[Any, list[int]] = {}
     empty = []
     budget = STACK_MAX_TOTAL
@@ -138,49 +140,47 @@ def make(leaves: Sequence[jax.Array], leaf_axes: Sequence[tuple]) -> Plan:
             empty.append(i)
             continue
         layout = None if auto else _layout(x, False)
+        if layout is None:  # may be sharded: never stacked nor grouped
+            segments.append(Segment(x, (i,), ax, False, False))
+            continue
         vary = _collectives.varying_axes(x) if ax else frozenset()
-        if layout is not None and x.size <= min(STACK_MAX_LEAF, budget):
+        if x.size <= min(STACK_MAX_LEAF, budget):
             budget -= x.size
             tiny.setdefault((x.size, x.dtype, ax, vary, layout), []).append(i)
         else:
-            singles.append(Segment(x, (i,), ax, False, layout is not None))
-    stacks = []
-    for (_, _, ax, _, _), idx in tiny.items():
+            key = (x.shape, x.dtype, ax, vary, layout, False)
+            segments.append(Segment(x, (i,), ax, False, True, key))
+    for (size, dtype, ax, vary, layout), idx in tiny.items():
         for start in range(0, len(idx), STACK_ROWS):
             part = idx[start : start + STACK_ROWS]
-            rows = [lax.reshape(leaves[i], (1, leaves[i].size)) for i in part]
+            rows = [lax.reshape(leaves[i], (1, size)) for i in part]
             array = rows[0] if len(rows) == 1 else lax.concatenate(rows, 0)
-            stacks.append(Segment(array, tuple(part), ax, True, True))
-    singles, groups = _branch_groups(singles, offset=len(stacks))
-    segments = stacks + singles
+            key = (array.shape, dtype, ax, vary, layout, True)
+            segments.append(Segment(array, tuple(part), ax, True, True, key))
+    segments, groups = _branch_groups(segments)
     # Vectors list the segments' rows first, then the empty leaves.
     order = [i for seg in segments for i in seg.leaves] + empty
     return Plan(segments, groups, _inverse(order), len(leaves), tuple(empty))
 
 
-def _branch_groups(singles: list[Segment], offset: int):
-    """Local same-shape single leaves made adjacent, and their group ranges."""
-    n_segments = offset + len(singles)
-    if n_segments <= BRANCH_GROUP_MIN or BRANCH_GROUP_SIZE <= 1:
-        return singles, []
+def _branch_groups(segments: list[Segment]):
+    """Segments of one key made adjacent, and the ranges of their groups."""
+    if len(segments) <= BRANCH_GROUP_MIN or BRANCH_GROUP_SIZE <= 1:
+        return segments, []
     by_key: dict[Any, list[Segment]] = {}
     alone = []
-    for seg in singles:
-        if not seg.local:
+    for seg in segments:
+        if seg.key is None:
             alone.append(seg)
-            continue
-        x = seg.array
-        vary = _collectives.varying_axes(x) if seg.axes else frozenset()
-        key = (x.shape, x.dtype, seg.axes, vary, _layout(x, False))
-        by_key.setdefault(key, []).append(seg)
+        else:
+            by_key.setdefault(seg.key, []).append(seg)
     ordered, groups = [], []
     for segs in by_key.values():
         for start in range(0, len(segs), BRANCH_GROUP_SIZE):
             part = segs[start : start + BRANCH_GROUP_SIZE]
-            first = offset + len(ordered)
-            ordered.extend(part)
             if len(part) > 1:
-                groups.append((first, first + len(part)))
+                groups.append((len(ordered), len(ordered) + len(part)))
+            ordered.extend(part)
     return ordered + alone, groups
 
 

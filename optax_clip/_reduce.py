@@ -65,18 +65,19 @@ def _summand(a: jax.Array, p: float) -> jax.Array:
 # --------------------------------------------------------------------------
 
 
-def sum_and_max(x: jax.Array, p: float, axis: Any = None):
+def sum_and_max(x: jax.Array, p: float, axis: Any = None, local: bool | None = None):
     """``(sum |x|**p, max |x|)`` over ``axis`` (all by default), one pass.
 
     Both in the accumulation dtype of ``x``; the max is NaN if ``x`` holds a
-    NaN. ``p`` is 1 or 2.
+    NaN. ``p`` is 1 or 2. ``local``: whether ``x`` is known to be local or
+    replicated (see :func:`_plan.is_local`, asked when None).
     """
     acc = accumulation_dtype(x.dtype)
     axes = _axes(x.ndim, axis)
     if not axes:  # elementwise (a scalar, or units of one value)
         a = magnitude(x, acc)
         return _summand(a, p), a
-    if not _plan.is_local(x):
+    if not (_plan.is_local(x) if local is None else local):
         a = magnitude(x, acc)  # may be sharded: reductions the partitioner splits
         return jnp.sum(_summand(a, p), axis=axes), _nan_safe_max(a, axes)
     return _fused_sum_and_max(x, p, axes)
@@ -87,27 +88,69 @@ def _nan_safe_max(a: jax.Array, axes: tuple) -> jax.Array:
     return jnp.where(jnp.any(jnp.isnan(a), axis=axes), jnp.nan, m)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
-def _fused_sum_and_max(x: jax.Array, p: float, axes: tuple):
-    acc = accumulation_dtype(x.dtype)
+def sum_and_max_of_all(xs, p: float):
+    """``(sum_i sum |x_i|**p, max_i max |x_i|)`` of same-shape local ``xs``.
+
+    One reduction of the elementwise sum and maximum (fewer kernels to
+    compile than one reduction per array).
+    """
+    if len(xs) == 1:
+        return _fused_sum_and_max(xs[0], p, _axes(xs[0].ndim, None))
+    return _fused_sum_and_max_many(tuple(xs), p)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _fused_sum_and_max_many(xs: tuple, p: float):
+    acc = accumulation_dtype(xs[0].dtype)
     itype = _int_of(acc)
+    summand, bits = None, None
+    for x in xs:
+        s, b = _summand_and_bits(x, p, acc, itype)
+        summand = s if summand is None else lax.add(summand, s)
+        bits = b if bits is None else lax.max(bits, b)
+    return _sum_and_max_reduce(summand, bits, acc, itype, _axes(xs[0].ndim, None))
+
+
+@_fused_sum_and_max_many.defjvp
+def _fused_sum_and_max_many_jvp(p, primals, tangents):
+    (xs,), (ts,) = primals, tangents
+
+    def reference(xs):
+        mags = [magnitude(x, accumulation_dtype(x.dtype)) for x in xs]
+        return sum(jnp.sum(_summand(a, p)) for a in mags), jnp.max(
+            jnp.stack([jnp.max(a) for a in mags])
+        )
+
+    return _fused_sum_and_max_many(xs, p), jax.jvp(reference, (xs,), (ts,))[1]
+
+
+def _summand_and_bits(x, p, acc, itype):
+    """``|x|**p`` and the bits of ``|x|`` (as ``itype``), elementwise."""
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         a = magnitude(x, acc)
-        bits = lax.bitcast_convert_type(a, itype)
-    else:
-        a = _xla_cpu.convert(x, acc)
-        # |a| as bits: the sign bit cleared (an integer op, fused for free).
-        sign_off = jnp.asarray(np.iinfo(itype).max, itype)
-        bits = lax.bitwise_and(lax.bitcast_convert_type(a, itype), sign_off)
-        if p != 2.0:
-            a = lax.abs(a)
+        return _summand(a, p), lax.bitcast_convert_type(a, itype)
+    a = _xla_cpu.convert(x, acc)
+    # |a| as bits: the sign bit cleared (an integer op, fused for free).
+    sign_off = jnp.asarray(np.iinfo(itype).max, itype)
+    bits = lax.bitwise_and(lax.bitcast_convert_type(a, itype), sign_off)
+    return _summand(a if p == 2.0 else lax.abs(a), p), bits
 
+
+def _sum_and_max_reduce(summand, bits, acc, itype, axes):
     def add_and_max(u, v):
         return lax.add(u[0], v[0]), lax.max(u[1], v[1])
 
     zero = (jnp.zeros((), acc), jnp.zeros((), itype))
-    s, m = lax.reduce((_summand(a, p), bits), zero, add_and_max, axes)
+    s, m = lax.reduce((summand, bits), zero, add_and_max, axes)
     return s, lax.bitcast_convert_type(m, acc)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _fused_sum_and_max(x: jax.Array, p: float, axes: tuple):
+    acc = accumulation_dtype(x.dtype)
+    itype = _int_of(acc)
+    summand, bits = _summand_and_bits(x, p, acc, itype)
+    return _sum_and_max_reduce(summand, bits, acc, itype, axes)
 
 
 @_fused_sum_and_max.defjvp
@@ -152,15 +195,29 @@ def _rescaled(x: jax.Array, f1: jax.Array, f2: jax.Array, p: float) -> jax.Array
     return _summand(scale(a), p)
 
 
-def scaled_sum(x: jax.Array, p: float, f1, f2, axis: Any = None) -> jax.Array:
+def scaled_sum(x: jax.Array, p: float, f1, f2, axis=None, local=None) -> jax.Array:
     """``sum |x * f1 * f2|**p`` over ``axis``; ``f1``, ``f2`` broadcast to ``x``."""
     axes = _axes(x.ndim, axis)
     summands = _rescaled(x, f1, f2, p)
     if not axes:
         return summands
-    if _xla_cpu.enabled() and _plan.is_local(x):
+    if _xla_cpu.enabled() and (_plan.is_local(x) if local is None else local):
         return _compensated_sums((summands,), axes)[0]
     return jnp.sum(summands, axis=axes)
+
+
+def scaled_sum_of_all(xs, p: float, f1, f2, local: bool) -> jax.Array:
+    """``sum_i sum |x_i * f1 * f2|**p`` of same-shape ``xs``, scalar factors.
+
+    One reduction: of the elementwise sum of several local leaves, or of one
+    array (which may be sharded).
+    """
+    total = _rescaled(xs[0], f1, f2, p)
+    for x in xs[1:]:
+        total = lax.add(total, _rescaled(x, f1, f2, p))
+    if _xla_cpu.enabled() and local:
+        return _compensated_sums((total,), _axes(total.ndim, None))[0]
+    return jnp.sum(total)
 
 
 def scaled_sums_each(xs, p: float, f1: jax.Array, f2: jax.Array) -> jax.Array:

@@ -611,6 +611,7 @@ def test_suggest_max_norm():
         oc.suggest_max_norm([-1.0, -2.0, -3.0])
 
 
+@pytest.mark.slow
 def test_choose_threshold_example(capsys):
     example = load_example("choose_threshold")
     result = example.main(steps=120)

@@ -4,7 +4,9 @@ import math
 
 import pytest
 
-from benchmarks import run
+from benchmarks import run, workarounds
+
+pytestmark = pytest.mark.slow
 
 
 def test_tiny_run_writes_a_complete_report(tmp_path):
@@ -28,6 +30,26 @@ def test_tiny_run_writes_a_complete_report(tmp_path):
     }
     names = {r["transform"] for r in results["e"]}
     assert "clip_by_global_norm" in names and len(names) >= 2
+    # Section f: every trap variant of the transformer-shaped tree, per transform.
+    assert "## f." in text and "Worst ratio per transform" in text
+    variants = {r["variant"] for r in results["f"]}
+    assert {"healthy", "zero leaf", "all-zero tree", "subnormal leaf"} <= variants
+    assert all(math.isfinite(r["ratio"]) for r in results["f"])
+
+
+def test_workarounds_table(tmp_path):
+    out = tmp_path / "workarounds.md"
+    rows = workarounds.main(["--tiny", "--out", str(out)])
+    mechanisms = {r["mechanism"] for r in rows}
+    assert mechanisms == {
+        "xla_cpu",
+        "plain pass",
+        "stacks",
+        "branch groups",
+        "fusion barrier",
+    }
+    assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in rows)
+    assert "| mechanism |" in out.read_text()
 
 
 def test_json_runs_merge_into_one_report(tmp_path):

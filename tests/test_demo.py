@@ -27,6 +27,7 @@ def test_adding_problem_targets():
     assert ((x[..., 0] >= 0) & (x[..., 0] < 1)).all()
 
 
+@pytest.mark.slow
 def test_demo_main(tmp_path, capsys):
     out = tmp_path / "sub" / "demo.png"
     steps = 20

@@ -527,6 +527,7 @@ def _check_many(results, cases, mode):
             np.testing.assert_allclose(updates[k], want, RTOL, ATOL, err_msg=mode)
 
 
+@pytest.mark.slow
 def test_many_steps_reference_and_api():
     for case in MANY_STEP_CASES:
         hist = _many_step_reference()[case.name][1]
@@ -537,6 +538,7 @@ def test_many_steps_reference_and_api():
         assert _accepts_axis_name(getattr(oc, case.name)), case.name
 
 
+@pytest.mark.slow
 def test_many_steps_shard_map_states_are_replicated():
     # check_vma=True: out_specs P() for the statistics proves statically that
     # they are the same on every device; their values equal one device's.
@@ -556,6 +558,7 @@ def test_many_steps_shard_map_states_are_replicated():
     _check_many(jax.device_get(jax.jit(fn)(*args)), AXIS_CASES, "shard_map")
 
 
+@pytest.mark.slow
 def test_many_steps_pmap_states_identical_on_all_devices():
     seq, params = _sequence()
     # Every leaf split by rows: (devices, steps, rows / 8, ...).
@@ -578,6 +581,7 @@ def test_many_steps_pmap_states_identical_on_all_devices():
     _check_many(res, AXIS_CASES, "pmap")
 
 
+@pytest.mark.slow
 def test_many_steps_sharded_jit_explicit_fsdp():
     seq, params = _sequence()
     args = put(seq, mesh_1d(), MS_SEQ_SPECS), put(params, mesh_1d(), MS_SPECS)

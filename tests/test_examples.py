@@ -47,6 +47,7 @@ def _spy(monkeypatch, module, name):
     return calls
 
 
+@pytest.mark.slow
 def test_rnn_exploding_gradients(monkeypatch):
     ex = load_example("rnn_exploding_gradients")
     runs = _spy(monkeypatch, ex, "train")
@@ -62,6 +63,7 @@ def test_rnn_exploding_gradients(monkeypatch):
     assert model.recurrent[...].shape == (ex.HIDDEN_SIZE, ex.HIDDEN_SIZE)
 
 
+@pytest.mark.slow
 def test_finetune_adamw(monkeypatch, capsys):
     from flax import nnx
 
@@ -103,6 +105,7 @@ def test_finetune_adamw(monkeypatch, capsys):
     assert not any("embed" in p for p in paths)
 
 
+@pytest.mark.slow
 def test_linen_train_state(monkeypatch):
     ex = load_example("linen_train_state")
     runs = _spy(monkeypatch, ex, "train")

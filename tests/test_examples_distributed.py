@@ -4,6 +4,7 @@ import pytest
 from example_loader import load_example
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("n_devices")
 def test_data_parallel_example_matches_one_device(capsys):
     example = load_example("data_parallel", "data_parallel_example")

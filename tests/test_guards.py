@@ -410,6 +410,7 @@ def test_checkpoint_restore_continues_bit_for_bit():
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_spike_rescue_zclip_and_skip_beat_no_clipping(capsys):
     example = load_example("spike_rescue")
     seeds = (0, 1)

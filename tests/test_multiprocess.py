@@ -90,6 +90,7 @@ def _np_norm(*arrays):
     return float(np.sqrt(sum(np.sum(np.asarray(a, np.float64) ** 2) for a in arrays)))
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_clip_like_one(tmp_path):
     codes, logs, outs = _run_workers(tmp_path)

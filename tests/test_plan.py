@@ -36,6 +36,11 @@ def unplanned():
 
 
 MODES = {"planned": contextlib.nullcontext, "unplanned": unplanned}
+# The unplanned programs (one reduction per leaf) compile slowly.
+MODE_PARAMS = [
+    pytest.param("planned"),
+    pytest.param("unplanned", marks=pytest.mark.slow),
+]
 
 
 def global_norm(tree, p=2.0, mode="planned"):
@@ -90,14 +95,14 @@ def big_tree(seed=0, big=None):
     return tree
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODE_PARAMS)
 @pytest.mark.parametrize("p", P_TYPES)
 @pytest.mark.parametrize("big", [None, 1e30, 3e37, 1e-40])
 def test_norms_match_numpy(p, mode, big):
     check(big_tree(1, big=big), p, mode)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODE_PARAMS)
 def test_no_underflow(mode):
     # Squares of 1e-25 are below float32's smallest normal; every path rescales.
     tree = jax.tree.map(lambda x: (x * 1e-25).astype(jnp.float32), big_tree(2))
@@ -106,7 +111,7 @@ def test_no_underflow(mode):
         check(tree, p, mode, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODE_PARAMS)
 @pytest.mark.parametrize("where", ["same", "tiny", "large"])
 def test_nonfinite(mode, where):
     for bad, is_bad in [(np.nan, np.isnan), (np.inf, np.isposinf)]:
@@ -123,7 +128,7 @@ def test_nonfinite(mode, where):
             assert np.sum(~np.isfinite(per_leaf)) == 1
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODE_PARAMS)
 def test_bf16_accumulates_in_float32(mode):
     # optax stalls at 16 here (bf16 cross-leaf adds); the true norm is sqrt(320).
     tree = [jnp.ones((256,), jnp.bfloat16)] + [jnp.ones((1,), jnp.bfloat16)] * 64
@@ -138,7 +143,7 @@ def test_empty_and_none():
                 assert not np.any(leaf_norms(empty, p, mode))
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODE_PARAMS)
 def test_gradient(mode):
     tree = {"same": [jnp.full((2, 3), 2.0)] * 6, "tiny": [jnp.arange(3.0)] * 6}
     with MODES[mode]():
@@ -283,7 +288,7 @@ def test_branch_groups_of_mid_size_leaves():
     assert plan.to_leaf_order is not None
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODE_PARAMS)
 @pytest.mark.parametrize("p", P_TYPES)
 @pytest.mark.parametrize("big", [None, 1e30, 3e37, 1e-40])
 def test_branch_groups_match_numpy(p, big, mode):

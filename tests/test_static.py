@@ -569,6 +569,7 @@ def _close(got, want, dtype, all_f64):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol, 4 * tiny)
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(
     tree=mixed_trees(),

@@ -71,6 +71,7 @@ def _tree(dtype, scale):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_plain_forms_give_the_same_results(case, dtype):
@@ -94,6 +95,7 @@ def test_plain_forms_give_the_same_results(case, dtype):
             chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.xla_cpu
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("policy", ["propagate", "zero_update"])
@@ -142,6 +144,7 @@ def test_16bit_clip_writes_no_float32_copy(dtype, policy):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.xla_cpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_no_gradient_sized_temporaries(dtype):
