@@ -32,13 +32,17 @@ _F32 = jnp.float32
 _I32 = jnp.int32
 
 
-def _reported(valid, finite, threshold, previous):
-    """The threshold to record for a step.
+def _recorded(applied, next_state, state, level, valid, finite):
+    """The record step of an adaptive transform: ``(updates, next state)``.
 
-    The previous one on a step that does not count; NaN on a step whose
-    traced hyper-parameters are out of range.
+    The threshold recorded is ``level``; the previous one on a step that does
+    not count, and NaN on a step whose traced hyper-parameters are out of
+    range.
     """
-    return _validation.nan_unless(valid, jnp.where(finite, threshold, previous))
+    previous = state.clip_stats.clip_threshold
+    reported = _validation.nan_unless(valid, jnp.where(finite, level, previous))
+    stats = _apply.record(state.clip_stats, applied, reported)
+    return applied.updates, next_state._replace(clip_stats=stats)
 
 
 # --------------------------------------------------------------------------
@@ -225,9 +229,7 @@ def autoclip(
         )
         threshold = _validation.nan_unless(valid, threshold)
         applied = _apply.apply_global(updates, norm, threshold, policy)
-        reported = _reported(valid, finite, level, state.clip_stats.clip_threshold)
-        stats = _apply.record(state.clip_stats, applied, reported)
-        return applied.updates, next_state._replace(clip_stats=stats)
+        return _recorded(applied, next_state, state, level, valid, finite)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -482,9 +484,7 @@ def zclip(
         applied = _apply.apply_global(
             updates, norm, threshold.astype(norm.dtype), policy
         )
-        reported = _reported(valid, finite, level, state.clip_stats.clip_threshold)
-        stats = _apply.record(state.clip_stats, applied, reported)
-        return applied.updates, next_state._replace(clip_stats=stats)
+        return _recorded(applied, next_state, state, level, valid, finite)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -707,9 +707,7 @@ def adagc(
         thresholds, level, next_state = _adagc_decide(state, n, gnorm, finite, hp)
         thresholds = _validation.nan_unless(valid, thresholds.astype(norms.dtype))
         applied = _apply.apply_per_leaf(updates, norms, thresholds, policy, 2.0)
-        reported = _reported(valid, finite, level, state.clip_stats.clip_threshold)
-        stats = _apply.record(state.clip_stats, applied, reported)
-        return applied.updates, next_state._replace(clip_stats=stats)
+        return _recorded(applied, next_state, state, level, valid, finite)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

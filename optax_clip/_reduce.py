@@ -80,6 +80,8 @@ def sum_and_max(x: jax.Array, p: float, axis: Any = None, local: bool | None = N
     if not (_plan.is_local(x) if local is None else local):
         a = magnitude(x, acc)  # may be sharded: reductions the partitioner splits
         return jnp.sum(_summand(a, p), axis=axes), _nan_safe_max(a, axes)
+    if len(axes) == x.ndim:
+        return sum_and_max_of_all([x], p)
     return _fused_sum_and_max(x, p, axes)
 
 
@@ -94,13 +96,16 @@ def sum_and_max_of_all(xs, p: float):
     One reduction of the elementwise sum and maximum (fewer kernels to
     compile than one reduction per array).
     """
-    if len(xs) == 1:
-        return _fused_sum_and_max(xs[0], p, _axes(xs[0].ndim, None))
-    return _fused_sum_and_max_many(tuple(xs), p)
+    rows = [_xla_cpu.split_rows(x) for x in xs]
+    if rows[0] is not None:  # partial results per row, then combined
+        s, m = _fused_sum_and_max_many(tuple(rows), p, (1,))
+        return jnp.sum(s), max_nonneg(m)
+    return _fused_sum_and_max_many(tuple(xs), p, _axes(xs[0].ndim, None))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _fused_sum_and_max_many(xs: tuple, p: float):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _fused_sum_and_max_many(xs: tuple, p: float, axes: tuple):
+    """Sum and max over ``axes`` of the elementwise sum and max of ``xs``."""
     acc = accumulation_dtype(xs[0].dtype)
     itype = _int_of(acc)
     summand, bits = None, None
@@ -108,20 +113,21 @@ def _fused_sum_and_max_many(xs: tuple, p: float):
         s, b = _summand_and_bits(x, p, acc, itype)
         summand = s if summand is None else lax.add(summand, s)
         bits = b if bits is None else lax.max(bits, b)
-    return _sum_and_max_reduce(summand, bits, acc, itype, _axes(xs[0].ndim, None))
+    return _sum_and_max_reduce(summand, bits, acc, itype, axes)
 
 
 @_fused_sum_and_max_many.defjvp
-def _fused_sum_and_max_many_jvp(p, primals, tangents):
+def _fused_sum_and_max_many_jvp(p, axes, primals, tangents):
     (xs,), (ts,) = primals, tangents
 
     def reference(xs):
         mags = [magnitude(x, accumulation_dtype(x.dtype)) for x in xs]
-        return sum(jnp.sum(_summand(a, p)) for a in mags), jnp.max(
-            jnp.stack([jnp.max(a) for a in mags])
+        total = sum(jnp.sum(_summand(a, p), axis=axes) for a in mags)
+        return total, functools.reduce(
+            jnp.maximum, [jnp.max(a, axis=axes) for a in mags]
         )
 
-    return _fused_sum_and_max_many(xs, p), jax.jvp(reference, (xs,), (ts,))[1]
+    return _fused_sum_and_max_many(xs, p, axes), jax.jvp(reference, (xs,), (ts,))[1]
 
 
 def _summand_and_bits(x, p, acc, itype):
@@ -279,7 +285,11 @@ def extremes(x: jax.Array):
     axes = _axes(x.ndim, None)
     if not _plan.is_local(x):
         return jnp.max(a), jnp.min(a), _nan_safe_max(lax.abs(a), axes)
-    return _fused_extremes(a)
+    rows = _xla_cpu.split_rows(a)
+    if rows is None:
+        return _fused_extremes(a)
+    tops, bottoms, mags = jax.vmap(_fused_extremes)(rows)  # per row, then combined
+    return jnp.max(tops), jnp.min(bottoms), max_nonneg(mags)
 
 
 @jax.custom_jvp

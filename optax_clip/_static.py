@@ -12,6 +12,26 @@ from optax_clip import _apply, _norms, _validation
 from optax_clip._stats import ClipStats, init_clip_stats
 
 
+def _fixed_threshold(state_cls, initial_threshold, step):
+    """A transform whose ``step(updates)`` returns ``(applied, threshold)``.
+
+    The measure, decide and apply steps are in ``step``; the state holds only
+    the statistics, which the record step renews.
+    """
+
+    def init_fn(params):
+        del params
+        return state_cls(init_clip_stats(initial_threshold))
+
+    def update_fn(updates, state, params=None):
+        del params
+        applied, threshold = step(updates)
+        stats = _apply.record(state.clip_stats, applied, threshold)
+        return applied.updates, state_cls(stats)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 class ClipByGlobalNormState(NamedTuple):
     """State of :func:`clip_by_global_norm`.
 
@@ -94,24 +114,15 @@ def clip_by_global_norm(
       Pascanu et al., `On the difficulty of training Recurrent Neural Networks
       <https://arxiv.org/abs/1211.5063>`_, 2013
     """
-    p = _validation.norm_type(norm_type)
+    p, policy, axes = _validation.norm_clip(norm_type, nonfinite, axis_name)
     valid = _validation.nonnegative("max_norm", max_norm)
-    policy = _validation.policy(nonfinite)
-    axes = _validation.axis_name(axis_name)
 
-    def init_fn(params):
-        del params
-        return ClipByGlobalNormState(init_clip_stats(max_norm))
-
-    def update_fn(updates, state, params=None):
-        del params
+    def step(updates):
         norm = _norms.global_norm(updates, p, axes)
         threshold = _apply.threshold_array(max_norm, norm.dtype, valid)
-        applied = _apply.apply_global(updates, norm, threshold, policy)
-        stats = _apply.record(state.clip_stats, applied, threshold)
-        return applied.updates, ClipByGlobalNormState(stats)
+        return _apply.apply_global(updates, norm, threshold, policy), threshold
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _fixed_threshold(ClipByGlobalNormState, max_norm, step)
 
 
 class ClipByBlockNormState(NamedTuple):
@@ -177,26 +188,17 @@ def clip_by_block_norm(
       Pascanu et al., `On the difficulty of training Recurrent Neural Networks
       <https://arxiv.org/abs/1211.5063>`_, 2013
     """
-    p = _validation.norm_type(norm_type)
+    p, policy, axes = _validation.norm_clip(norm_type, nonfinite, axis_name)
     valid = _validation.nonnegative("max_norm", max_norm)
-    policy = _validation.policy(nonfinite)
-    axes = _validation.axis_name(axis_name)
 
-    def init_fn(params):
-        del params
-        return ClipByBlockNormState(init_clip_stats(max_norm))
-
-    def update_fn(updates, state, params=None):
-        del params
+    def step(updates):
         norms = _norms.leaf_norms(updates, p, axes)
         # In the norms' dtype: a float64 threshold of 1e300 is not inf.
         threshold = _apply.threshold_array(max_norm, norms.dtype, valid)
         thresholds = jnp.broadcast_to(threshold, norms.shape)
-        applied = _apply.apply_per_leaf(updates, norms, thresholds, policy, p)
-        stats = _apply.record(state.clip_stats, applied, threshold)
-        return applied.updates, ClipByBlockNormState(stats)
+        return _apply.apply_per_leaf(updates, norms, thresholds, policy, p), threshold
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _fixed_threshold(ClipByBlockNormState, max_norm, step)
 
 
 class ClipByValueState(NamedTuple):
@@ -301,20 +303,14 @@ def clip_by_value(
         lo = _apply.threshold_array(min_value, dtype, valid)
         return lo, _apply.threshold_array(max_value, dtype, valid)
 
-    def init_fn(params):
-        del params
-        lo, hi = bounds(jnp.float32)
-        return ClipByValueState(init_clip_stats(jnp.maximum(-lo, hi)))
-
-    def update_fn(updates, state, params=None):
-        del params
+    def step(updates):
         extremes = _norms.tree_extremes(updates, axes)
         lo, hi = bounds(extremes[0].dtype)
         applied = _apply.apply_elementwise(updates, (lo, hi), extremes, policy)
-        stats = _apply.record(state.clip_stats, applied, jnp.maximum(-lo, hi))
-        return applied.updates, ClipByValueState(stats)
+        return applied, jnp.maximum(-lo, hi)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    lo, hi = bounds(jnp.float32)
+    return _fixed_threshold(ClipByValueState, jnp.maximum(-lo, hi), step)
 
 
 class SoftClipByGlobalNormState(NamedTuple):
@@ -416,25 +412,16 @@ def soft_clip_by_global_norm(
       <https://arxiv.org/abs/1211.5063>`_, 2013 (hard norm clipping, which this
       smooths)
     """
-    p = _validation.norm_type(norm_type)
+    p, policy, axes = _validation.norm_clip(norm_type, nonfinite, axis_name)
     valid = _validation.all_valid(
         _validation.nonnegative("max_norm", max_norm),
         _validation.in_range("knee", knee, 0.0, 1.0),
     )
-    policy = _validation.policy(nonfinite)
-    axes = _validation.axis_name(axis_name)
     factor = soft_clip_factor(knee)
 
-    def init_fn(params):
-        del params
-        return SoftClipByGlobalNormState(init_clip_stats(max_norm))
-
-    def update_fn(updates, state, params=None):
-        del params
+    def step(updates):
         norm = _norms.global_norm(updates, p, axes)
         threshold = _apply.threshold_array(max_norm, norm.dtype, valid)
-        applied = _apply.apply_global(updates, norm, threshold, policy, factor)
-        stats = _apply.record(state.clip_stats, applied, threshold)
-        return applied.updates, SoftClipByGlobalNormState(stats)
+        return _apply.apply_global(updates, norm, threshold, policy, factor), threshold
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _fixed_threshold(SoftClipByGlobalNormState, max_norm, step)

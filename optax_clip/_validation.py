@@ -248,6 +248,11 @@ def axis_name(value: Any) -> tuple:
     return names
 
 
+def norm_clip(norm_type_: Any, nonfinite: Any, axis_name_: Any):
+    """``(norm type, policy, axis names)``: the arguments every norm clip takes."""
+    return norm_type(norm_type_), policy(nonfinite), axis_name(axis_name_)
+
+
 def float_leaves(tree: Any) -> list[jax.Array]:
     """The leaves of a gradient tree; raises for integer, bool or other dtypes.
 

@@ -11,7 +11,8 @@ a workaround is still needed, in ``docs/performance.md``):
 * a conversion inside the rescaled branch of a ``lax.cond`` is hoisted out of
   it and shared with the plain pass;
 * a reduction whose input is computed (``|x|``, rescaled values) is handed to
-  YNNPACK, which cannot fuse the computation and writes it out first.
+  YNNPACK, which cannot fuse the computation and writes it out first;
+* a reduction of several outputs runs on one thread (YNNPACK's use them all).
 
 :func:`enabled` says whether they are in use: for the CPU backend, unless a
 test forces the plain forms with :func:`forced`.
@@ -45,6 +46,24 @@ def forced(value: bool):
         yield
     finally:
         _FORCED = previous
+
+
+#: Full reductions of at least this many values are split into rows.
+SPLIT_MIN = 1 << 17
+
+
+def split_rows(x: jax.Array) -> jax.Array | None:
+    """``x`` as ``(k, n / k)`` rows to reduce on ``k`` threads, or None.
+
+    XLA:CPU runs a reduction of several outputs (sum and max together) on one
+    thread, but splits one over rows across its threads. Free: a reshape.
+    """
+    if not enabled() or x.size < SPLIT_MIN:
+        return None
+    for k in (16, 8, 4, 2):
+        if x.size % k == 0:
+            return lax.reshape(x, (k, x.size // k))
+    return None
 
 
 def _pick(pred: jax.Array, on_true: jax.Array, on_false: jax.Array):

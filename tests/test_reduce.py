@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optax_clip import _reduce
+from optax_clip import _reduce, _xla_cpu
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 
@@ -95,3 +95,26 @@ def test_fusion_barrier_is_the_identity():
     np.testing.assert_array_equal(
         jax.vmap(_reduce.fusion_barrier)(jnp.arange(4.0)), np.arange(4.0)
     )
+
+
+@pytest.mark.parametrize("tuned", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_large_arrays_split_into_rows(tuned, dtype):
+    # At SPLIT_MIN values and more, XLA:CPU reduces k rows on k threads; the
+    # results are those of one reduction, NaN and Inf included.
+    n = _xla_cpu.SPLIT_MIN * 2
+    x = jnp.asarray(np.random.default_rng(3).normal(size=n), dtype)
+    with _xla_cpu.forced(tuned):
+        assert (_xla_cpu.split_rows(x) is not None) == tuned
+        assert _xla_cpu.split_rows(x[: n - 1]) is None  # odd: not split
+        fns = jax.jit(lambda x: (_reduce.sum_and_max(x, 2.0), _reduce.extremes(x)))
+        (s, m), (top, bottom, mag) = fns(x)
+        v = np.asarray(x, np.float64)
+        np.testing.assert_allclose(s, np.sum(v * v), rtol=1e-5)
+        assert float(m) == float(mag) == np.abs(v).max()
+        assert (float(top), float(bottom)) == (v.max(), v.min())
+        for bad in (np.nan, np.inf):
+            (s, m), (_, _, mag) = fns(x.at[n - 7].set(bad))
+            assert (np.isnan(m) and np.isnan(mag)) if np.isnan(bad) else m == np.inf
+        grad = jax.grad(lambda x: _reduce.sum_and_max(x, 2.0)[0])(x.astype(jnp.float32))
+        np.testing.assert_allclose(grad, 2 * np.asarray(x, np.float32), rtol=1e-6)
