@@ -10,16 +10,15 @@ and read what it did with :func:`optax_clip.get_stats`.
 
 from optax_clip._adaptive import (
     AdaGCState,
-    AdaptiveGradClipState,
     AutoClipState,
     MaxNormSuggestion,
     ZClipState,
     adagc,
-    adaptive_grad_clip,
     autoclip,
     suggest_max_norm,
     zclip,
 )
+from optax_clip._agc import AdaptiveGradClipState, adaptive_grad_clip
 from optax_clip._guards import (
     SkipNonfiniteState,
     SkipOnSpikeState,

@@ -165,29 +165,27 @@ def _rescaled_sums(plan: _plan.Plan, p: float, f1: jax.Array, f2: jax.Array):
     """``sum |x 2**-e|**p`` per row of every segment (segment order), a list.
 
     ``f1``, ``f2``: the two factors of ``2**-e`` for every row, in segment
-    order; the segments of a branch group share one fused reduction.
+    order. The single leaves of a branch group share one fused reduction with
+    an output per leaf; stacks are reduced row by row.
     """
     parts, start = [], 0
-    groups = dict(plan.branch_groups)
-    i = 0
-    while i < len(plan.segments):
-        seg = plan.segments[i]
-        if i in groups and not seg.stacked:  # one output per leaf
-            stop = groups[i]
-            xs = [s.array for s in plan.segments[i:stop]]
-            g1, g2 = (lax.slice_in_dim(f, start, start + len(xs)) for f in (f1, f2))
+    for segs in _units(plan):
+        if len(segs) > 1 and not segs[0].stacked:
+            g1, g2 = (lax.slice_in_dim(f, start, start + len(segs)) for f in (f1, f2))
+            xs = [seg.array for seg in segs]
             parts.append(_reduce.scaled_sums_each(xs, p, g1, g2).astype(f1.dtype))
-            start, i = start + len(xs), stop
+            start += len(segs)
             continue
-        k = len(seg.leaves)
-        r1, r2 = (lax.slice_in_dim(f, start, start + k) for f in (f1, f2))
-        if seg.stacked:
-            t = _reduce.scaled_sum(seg.array, p, r1[:, None], r2[:, None], 1, True)
-        else:
-            f = (r1.reshape(()), r2.reshape(()))
-            t = _reduce.scaled_sum(seg.array, p, *f, None, seg.local)
-        parts.append(jnp.reshape(t, (-1,)).astype(f1.dtype))
-        start, i = start + k, i + 1
+        for seg in segs:
+            k = len(seg.leaves)
+            r1, r2 = (lax.slice_in_dim(f, start, start + k) for f in (f1, f2))
+            if seg.stacked:
+                t = _reduce.scaled_sum(seg.array, p, r1[:, None], r2[:, None], 1, True)
+            else:
+                f = (r1.reshape(()), r2.reshape(()))
+                t = _reduce.scaled_sum(seg.array, p, *f, None, seg.local)
+            parts.append(jnp.reshape(t, (-1,)).astype(f1.dtype))
+            start += k
     return parts
 
 

@@ -25,6 +25,19 @@ def norm(leaves, p=2.0):
     return m * float(np.sum((a / m) ** p) ** (1.0 / p))
 
 
+def flush_subnormals(x):
+    """``x`` with the values subnormal in its accumulation dtype set to 0.
+
+    The accumulation dtype is float64 for float64 values, float32 otherwise:
+    XLA reads subnormal float32 and float64 inputs of arithmetic as 0 (bf16
+    subnormals become float32 subnormals; fp16 ones are normal in float32).
+    """
+    x = np.asarray(x)
+    wide = x.dtype == np.float64
+    tiny = np.finfo(np.float64 if wide else np.float32).tiny
+    return np.where(np.abs(x.astype(np.float64)) < tiny, np.zeros((), x.dtype), x)
+
+
 def soft(n, c, knee):
     """The output norm of ``soft_clip_by_global_norm`` for an input norm ``n``."""
     tau = knee * c

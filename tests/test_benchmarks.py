@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from benchmarks import run, workarounds
+from benchmarks import compare, run, workarounds
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +35,16 @@ def test_tiny_run_writes_a_complete_report(tmp_path):
     variants = {r["variant"] for r in results["f"]}
     assert {"healthy", "zero leaf", "all-zero tree", "subnormal leaf"} <= variants
     assert all(math.isfinite(r["ratio"]) for r in results["f"])
+
+
+def test_compare_with_an_earlier_commit(capsys):
+    # HEAD against itself: the export under another name and every variant.
+    results = compare.main(
+        ["--base", "HEAD", "--trees", "tiny", "--transforms", "adagc", "--reps", "1"]
+    )
+    (ms,) = results.values()
+    assert {label for label, _ in ms} == {"old", "new"}
+    assert "zero leaf" in capsys.readouterr().out
 
 
 def test_workarounds_table(tmp_path):

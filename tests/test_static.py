@@ -141,6 +141,25 @@ def test_tiny_threshold_on_a_huge_norm(c):
     np.testing.assert_allclose(state.clip_stats.post_clip_norm, c, rtol=1e-5)
 
 
+def test_what_optax_and_torch_do_on_overflow():
+    # The README's first row: optax zeroes the update on float32 1e20 and on
+    # fp16 300; PyTorch's clip_grad_norm_ (when installed) on float32 1e20.
+    g32 = jnp.array([1e20, 1.0], jnp.float32)
+    g16 = jnp.array([300.0, 1.0], jnp.float16)
+    for g in (g32, g16):
+        theirs, _ = optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())
+        assert not np.any(np.asarray(theirs, np.float32))
+        ours, _ = oc.clip_by_global_norm(1.0).update(
+            g, oc.clip_by_global_norm(1.0).init(g)
+        )
+        assert float(np.linalg.norm(np.asarray(ours, np.float64))) > 0.99
+    torch = pytest.importorskip("torch")
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([1e20, 1.0], dtype=torch.float32)
+    torch.nn.utils.clip_grad_norm_([p], 1.0)
+    assert not torch.any(p.grad != 0)
+
+
 def test_fp16_overflow_is_clipped():
     g = jnp.array([300.0, 1.0], jnp.float16)  # 300**2 > 65504
     tx = oc.clip_by_global_norm(1.0)
@@ -591,7 +610,8 @@ def test_property_mixed_dtype_trees_under_x64(tree, exp, p):
         g = {k: jnp.asarray(v) for k, v in tree.items()}
         outs = {name: fn(c, g) for name, fn in _MIXED_FNS[p].items()}
     keys = sorted(tree)
-    leaves = [tree[k] for k in keys]
+    # Subnormals of a leaf's dtype count as zero (documented: XLA flushes them).
+    leaves = [reference.flush_subnormals(tree[k]) for k in keys]
     n = reference.norm(leaves, p)
     want = {
         "global": reference.rescaled(leaves, min(n, c), n),
