@@ -114,6 +114,7 @@ def _autoclip_decide(state: AutoClipState, norm, finite, percentile, cap):
       ``clip_stats`` unchanged).
     """
     size = state.norm_history.shape[0]
+    finite = jnp.asarray(finite, bool)
     n32 = jnp.where(finite, norm, 0).astype(_F32)
     buf = state.norm_history.at[state.history_pos].set(n32)
     count = jnp.minimum(state.history_len + 1, size)
@@ -304,6 +305,7 @@ def _zclip_decide(state: ZClipState, norm, finite, hp: _ZClipParams, config):
       the spike level (``cap`` during warm-up) and the state with the next
       statistics (its ``clip_stats`` unchanged).
     """
+    finite = jnp.asarray(finite, bool)
     n = jnp.where(finite, norm, 0).astype(_F32)
     mean, var = state.norm_mean, state.norm_var
     warm = state.norms_seen < jnp.maximum(hp.warmup_steps, 1)
@@ -562,6 +564,7 @@ def _adagc_decide(state: AdaGCState, n, gnorm, finite, hp: _AdaGCParams):
       thresholds) and the state with the next EMAs (``clip_stats`` unchanged).
     """
     gammas, steps = state.tensor_norm_ema, state.adagc_steps
+    finite = jnp.asarray(finite, bool)
     warm = steps < hp.warmup_steps
     first = steps == 0
     num, den, _ = _apply.clip_factor(gnorm, hp.cap)

@@ -18,6 +18,7 @@ import pytest
 from example_loader import load_example
 
 import optax_clip as oc
+from optax_clip import _adaptive
 
 RTOL = 1e-5
 
@@ -458,3 +459,58 @@ def test_choose_threshold_example(capsys):
     assert result["max_norm"] == pytest.approx(want)
     assert 0.0 < result["clip_fraction"] < 0.5
     assert result["final_loss"] < result["initial_loss"]
+
+
+# --------------------------------------------------------------------------
+# The decide steps alone: norms in, thresholds and next state out (no pytree)
+# --------------------------------------------------------------------------
+
+
+def _scan_decide(decide, state, norms):
+    def step(state, n):
+        threshold, level, state = decide(state, n)
+        return state, (threshold, level)
+
+    return jax.tree.map(np.asarray, jax.lax.scan(jax.jit(step), state, norms)[1])
+
+
+def test_decide_steps_match_the_references():
+    norms = norm_sequence(800, seed=6)
+    n = jnp.asarray(norms)
+    # AutoClip: the level is the percentile of the history.
+    state = oc.autoclip(50.0, 64).init(None)
+    thr, level = _scan_decide(
+        lambda s, x: _adaptive._autoclip_decide(s, x, True, 50.0, jnp.float32(np.inf)),
+        state,
+        n,
+    )
+    want, want_scale, _ = ref_autoclip(norms, 50.0, 64)
+    np.testing.assert_allclose(level, want, rtol=RTOL)
+    np.testing.assert_allclose(np.minimum(1, thr / norms), want_scale, rtol=RTOL)
+    # ZClip: the spike level and the threshold a step is clipped to.
+    hp = _adaptive._ZClipParams(
+        *(jnp.float32(v) for v in (0.97, 2.5, 1.0, 1e-6)),
+        warmup_steps=jnp.int32(25),
+        cap=jnp.float32(np.inf),
+    )
+    config = _adaptive._ZClipConfig("zscore", "adaptive_scaling", False)
+    state = oc.zclip().init(None)
+    thr, level = _scan_decide(
+        lambda s, x: _adaptive._zclip_decide(s, x, True, hp, config), state, n
+    )
+    ref = ref_zclip(norms)
+    np.testing.assert_allclose(level, ref["level"], rtol=RTOL)
+    np.testing.assert_allclose(np.minimum(1, thr / norms), ref["scale"], rtol=RTOL)
+    # AdaGC: every tensor's threshold, on a vector of norms per step.
+    per_tensor = np.stack([norms, 0.5 * norm_sequence(800, seed=7)], axis=1)
+    hp = _adaptive._AdaGCParams(
+        jnp.float32(1.0), jnp.float32(1.04), jnp.float32(0.99), jnp.int32(100)
+    )
+    state = oc.adagc().init({"a": jnp.zeros(1), "b": jnp.zeros(1)})
+
+    def adagc_step(s, x):
+        return _adaptive._adagc_decide(s, x, jnp.linalg.norm(x), True, hp)
+
+    thr, _ = _scan_decide(adagc_step, state, jnp.asarray(per_tensor))
+    want_scales, _, _ = ref_adagc(per_tensor)
+    np.testing.assert_allclose(np.minimum(1, thr / per_tensor), want_scales, rtol=1e-4)
