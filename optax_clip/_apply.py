@@ -272,10 +272,13 @@ def apply_elementwise(updates, bounds, extremes, policy: str) -> Applied:
     post = jnp.where(has_values, post, 0.0)
     scale = jnp.where(pre > 0, post / jnp.where(pre > 0, pre, 1.0), 1.0)
     fill = 0.0 if policy == "zero_update" else jnp.nan
+    bounds_in: dict = {}  # per dtype, not per leaf
 
     def clip_leaf(x):
-        a, b = _bound_in(lo, x.dtype, up=True), _bound_in(hi, x.dtype, up=False)
-        c = jnp.clip(x, a, b)
+        if x.dtype not in bounds_in:
+            up, down = _bound_in(lo, x.dtype, up=True), _bound_in(hi, x.dtype, up=False)
+            bounds_in[x.dtype] = (up, down)
+        c = jnp.clip(x, *bounds_in[x.dtype])
         if policy == "zero_update":
             return _xla_cpu.select(nonfinite, jnp.zeros_like(x), c)
         return _xla_cpu.select(jnp.isfinite(x), c, x)

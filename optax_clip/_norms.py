@@ -282,7 +282,7 @@ def unit_norms(arrays: Sequence[jax.Array], axes: Sequence[tuple[int, ...]]):
         if x.size == 0:
             out.append(jnp.zeros(kept, accumulation_dtype(x.dtype)))
             continue
-        s, m = _reduce.sum_and_max(x, 2.0, ax if ax else ())
+        s, m = _reduce.sum_and_max(x, 2.0, ax)
         out.append(None)
         todo.append((len(out) - 1, x, ax, s.reshape(kept), m.reshape(kept)))
     if not todo:
@@ -298,7 +298,7 @@ def unit_norms(arrays: Sequence[jax.Array], axes: Sequence[tuple[int, ...]]):
         for (_, x, ax, s, m), n in zip(todo, need, strict=True):
             e = exponent(m)
             f1, f2 = pow2_factors(e, m.dtype)
-            t = _reduce.scaled_sum(x, 2.0, f1, f2, ax if ax else ()).reshape(m.shape)
+            t = _reduce.scaled_sum(x, 2.0, f1, f2, ax).reshape(m.shape)
             norms.append(jnp.where(n, _root(m, t, 2.0, e), _root(m, s, 2.0)))
         return norms
 

@@ -78,14 +78,12 @@ class Plan:
       to_leaf_order: indices that put a vector with one entry per row of the
         segments (segment order), then one per empty leaf, into leaf order;
         None for the identity.
-      n_leaves: the number of leaves (empty ones included).
       empty: indices of the empty leaves (their norm is 0).
     """
 
     segments: list[Segment]
     branch_groups: list[tuple[int, int]]
     to_leaf_order: np.ndarray | None
-    n_leaves: int
     empty: tuple[int, ...]
 
 
@@ -160,7 +158,7 @@ def make(leaves: Sequence[jax.Array], leaf_axes: Sequence[tuple]) -> Plan:
     segments, groups = _branch_groups(segments)
     # Vectors list the segments' rows first, then the empty leaves.
     order = [i for seg in segments for i in seg.leaves] + empty
-    return Plan(segments, groups, _inverse(order), len(leaves), tuple(empty))
+    return Plan(segments, groups, _inverse(order), tuple(empty))
 
 
 def _branch_groups(segments: list[Segment]):

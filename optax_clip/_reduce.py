@@ -82,7 +82,7 @@ def sum_and_max(x: jax.Array, p: float, axis: Any = None, local: bool | None = N
         return jnp.sum(_summand(a, p), axis=axes), _nan_safe_max(a, axes)
     if len(axes) == x.ndim:
         return sum_and_max_of_all([x], p)
-    return _fused_sum_and_max(x, p, axes)
+    return _fused_sum_and_max_many((x,), p, axes)
 
 
 def _nan_safe_max(a: jax.Array, axes: tuple) -> jax.Array:
@@ -105,7 +105,10 @@ def sum_and_max_of_all(xs, p: float):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
 def _fused_sum_and_max_many(xs: tuple, p: float, axes: tuple):
-    """Sum and max over ``axes`` of the elementwise sum and max of ``xs``."""
+    """Sum and max over ``axes`` of the elementwise sum and max of ``xs``.
+
+    One reduction of two outputs, whatever the number of same-shape arrays.
+    """
     acc = accumulation_dtype(xs[0].dtype)
     itype = _int_of(acc)
     summand, bits = None, None
@@ -113,7 +116,13 @@ def _fused_sum_and_max_many(xs: tuple, p: float, axes: tuple):
         s, b = _summand_and_bits(x, p, acc, itype)
         summand = s if summand is None else lax.add(summand, s)
         bits = b if bits is None else lax.max(bits, b)
-    return _sum_and_max_reduce(summand, bits, acc, itype, axes)
+
+    def add_and_max(u, v):
+        return lax.add(u[0], v[0]), lax.max(u[1], v[1])
+
+    zero = (jnp.zeros((), acc), jnp.zeros((), itype))
+    total, top = lax.reduce((summand, bits), zero, add_and_max, axes)
+    return total, lax.bitcast_convert_type(top, acc)
 
 
 @_fused_sum_and_max_many.defjvp
@@ -142,37 +151,9 @@ def _summand_and_bits(x, p, acc, itype):
     return _summand(a if p == 2.0 else lax.abs(a), p), bits
 
 
-def _sum_and_max_reduce(summand, bits, acc, itype, axes):
-    def add_and_max(u, v):
-        return lax.add(u[0], v[0]), lax.max(u[1], v[1])
-
-    zero = (jnp.zeros((), acc), jnp.zeros((), itype))
-    s, m = lax.reduce((summand, bits), zero, add_and_max, axes)
-    return s, lax.bitcast_convert_type(m, acc)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
-def _fused_sum_and_max(x: jax.Array, p: float, axes: tuple):
-    acc = accumulation_dtype(x.dtype)
-    itype = _int_of(acc)
-    summand, bits = _summand_and_bits(x, p, acc, itype)
-    return _sum_and_max_reduce(summand, bits, acc, itype, axes)
-
-
-@_fused_sum_and_max.defjvp
-def _fused_sum_and_max_jvp(p, axes, primals, tangents):
-    (x,), (t,) = primals, tangents
-
-    def reference(x):
-        a = magnitude(x, accumulation_dtype(x.dtype))
-        return jnp.sum(_summand(a, p), axis=axes), jnp.max(a, axis=axes)
-
-    return _fused_sum_and_max(x, p, axes), jax.jvp(reference, (x,), (t,))[1]
-
-
 def max_nonneg(v: jax.Array) -> jax.Array:
     """``max(v)`` of a vector ``v >= 0``; NaN if ``v`` holds a NaN."""
-    return _fused_sum_and_max(v, 1.0, _axes(v.ndim, None))[1].astype(v.dtype)
+    return _fused_sum_and_max_many((v,), 1.0, _axes(v.ndim, None))[1].astype(v.dtype)
 
 
 # --------------------------------------------------------------------------
