@@ -24,13 +24,19 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import optax_clip
-from benchmarks.run import ClipAlone, median_ms, time_interleaved, trap_trees
+from benchmarks.run import (
+    ClipAlone,
+    leaf_shapes,
+    make_tree,
+    median_ms,
+    time_interleaved,
+    transformer_tree,
+    trap_trees,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,37 +59,13 @@ def load_base(rev: str, folder: Path):
     return importlib.import_module("optax_clip_base")
 
 
-def transformer_tree(dtype, layers=8, d=256, vocab=4096):
-    rng = np.random.default_rng(0)
-    tree = {"embed": rng.normal(size=(vocab, d))}
-    for i in range(layers):
-        tree[f"block{i}"] = {
-            "qkv": rng.normal(size=(d, 3 * d)),
-            "out": rng.normal(size=(d, d)),
-            "up": rng.normal(size=(d, 4 * d)),
-            "down": rng.normal(size=(4 * d, d)),
-            "up_bias": rng.normal(size=(4 * d,)),
-            "qkv_bias": rng.normal(size=(3 * d,)),
-            "ln1": rng.normal(size=(d,)),
-            "ln2": rng.normal(size=(d,)),
-        }
-    tree["ln_f"] = rng.normal(size=(d,))
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
-
-
-def uniform_tree(dtype, n_leaves, total=10_000_000):
-    size = total // n_leaves
-    size -= size % 128
-    rng = np.random.default_rng(1)
-    return {
-        f"w{i:05d}": jnp.asarray(rng.normal(size=(size // 128, 128)), dtype)
-        for i in range(n_leaves)
-    }
+def uniform_tree(dtype, n_leaves: int, total: int = 10_000_000):
+    return make_tree(leaf_shapes(total, n_leaves), dtype, seed=1)
 
 
 TREES = {
-    "tfm_f32": lambda: transformer_tree(jnp.float32),
-    "tfm_bf16": lambda: transformer_tree(jnp.bfloat16),
+    "tfm_f32": lambda: transformer_tree(256, 8, 4096, "float32"),
+    "tfm_bf16": lambda: transformer_tree(256, 8, 4096, "bfloat16"),
     "u16_f32": lambda: uniform_tree(jnp.float32, 16),
     "u16_bf16": lambda: uniform_tree(jnp.bfloat16, 16),
     "u256_f32": lambda: uniform_tree(jnp.float32, 256),

@@ -498,6 +498,20 @@ def transformer_shapes(d: int, layers: int, vocab: int) -> dict[str, Any]:
     return shapes
 
 
+def transformer_tree(d: int, layers: int, vocab: int, dtype="float32", seed=5):
+    """Random normal leaves of :func:`transformer_shapes`, in ``dtype``."""
+    shapes = transformer_shapes(d, layers, vocab)
+    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    flat = jax.tree.leaves(shapes, is_leaf=is_shape)
+    key = jax.random.key(seed)
+    leaves = [
+        jax.random.normal(jax.random.fold_in(key, i), shape).astype(dtype)
+        for i, shape in enumerate(flat)
+    ]
+    treedef = jax.tree.structure(shapes, is_leaf=is_shape)
+    return jax.block_until_ready(treedef.unflatten(leaves))
+
+
 def trap_trees(tree) -> dict[str, Any]:
     """``tree`` and copies with one feature each (see section f)."""
     leaves, treedef = jax.tree.flatten(tree)
@@ -539,30 +553,20 @@ def _trap_transforms() -> dict[str, optax.GradientTransformation]:
 
 def section_f(preset: Preset, log) -> list[dict]:
     rows = []
-    d, layers, vocab = preset.transformer
-    shapes = transformer_shapes(d, layers, vocab)
-    flat_shapes = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    size = sum(math.prod(s) for s in flat_shapes)
-    leaves = [
-        jax.random.normal(jax.random.fold_in(jax.random.key(5), i), shape)
-        for i, shape in enumerate(flat_shapes)
-    ]
-    treedef = jax.tree.structure(shapes, is_leaf=lambda x: isinstance(x, tuple))
     for dtype in preset.grad_dtypes:
-        cast = [x.astype(dtype) for x in leaves]
-        trees = trap_trees(jax.block_until_ready(treedef.unflatten(cast)))
+        tree = transformer_tree(*preset.transformer, dtype)
+        leaves = jax.tree.leaves(tree)
+        size = sum(x.size for x in leaves)
+        trees = trap_trees(tree)
         if dtype != "float32":
             del trees["f32 and bf16 leaves"]
         for name, tx in _trap_transforms().items():
             base = ClipAlone(tx, trees["healthy"])
-            cases = {}
-            for variant, grads in trees.items():
-                case = ClipAlone.sharing(base, grads)
-                cases[variant] = case
+            cases = {v: ClipAlone.sharing(base, g) for v, g in trees.items()}
             ts = time_interleaved(cases, preset.reps, preset.warmup)
             for variant, t in ts.items():
                 row = {
-                    "tree": f"transformer {size / M:.1f}M / {len(flat_shapes)} "
+                    "tree": f"transformer {size / M:.1f}M / {len(leaves)} "
                     f"leaves / {'bf16' if dtype == 'bfloat16' else 'f32'}",
                     "transform": name,
                     "variant": variant,

@@ -42,6 +42,13 @@ from optax_clip import _plan, _reduce, _xla_cpu
 ROOT = Path(__file__).resolve().parents[1]
 
 
+#: The clips each mechanism is measured on: the global and the per-leaf norm.
+CLIPS = (
+    ("clip_by_global_norm", lambda: oc.clip_by_global_norm(1.0)),
+    ("clip_by_block_norm", lambda: oc.clip_by_block_norm(1.0)),
+)
+
+
 def tree_of(n: int, size: int, dtype, seed: int = 0):
     rng = np.random.default_rng(seed)
     shape = (size // 128, 128) if size >= 1024 and size % 128 == 0 else (size,)
@@ -101,10 +108,7 @@ def run(sizes: dict, reps: int, warmup: int, log) -> list[dict]:
     # 1. The XLA:CPU workarounds, all together.
     for dtype in ("float32", "bfloat16"):
         tree = tree_of(*sizes["mid"], dtype)
-        for name, make in [
-            ("clip_by_global_norm", lambda: oc.clip_by_global_norm(1.0)),
-            ("clip_by_block_norm", lambda: oc.clip_by_block_norm(1.0)),
-        ]:
+        for name, make in CLIPS:
 
             def built(tuned, make=make, tree=tree):
                 with _xla_cpu.forced(tuned):
@@ -144,10 +148,7 @@ def run(sizes: dict, reps: int, warmup: int, log) -> list[dict]:
 
     # 3. Stacks of tiny leaves: compile and step time.
     tree = tree_of(sizes["tiny"][0], sizes["tiny"][1], "float32")
-    for name, make in [
-        ("clip_by_global_norm", lambda: oc.clip_by_global_norm(1.0)),
-        ("clip_by_block_norm", lambda: oc.clip_by_block_norm(1.0)),
-    ]:
+    for name, make in CLIPS:
         on_s = _compile_s(make(), tree)
         with patched(_plan, STACK_MAX_LEAF=0):
             off_s = _compile_s(make(), tree)
@@ -161,10 +162,7 @@ def run(sizes: dict, reps: int, warmup: int, log) -> list[dict]:
 
     # 4. Branch groups: many mid-size bf16 leaves, the pass not taken.
     tree = tree_of(*sizes["many"], "bfloat16")
-    for name, make in [
-        ("clip_by_global_norm", lambda: oc.clip_by_global_norm(1.0)),
-        ("clip_by_block_norm", lambda: oc.clip_by_block_norm(1.0)),
-    ]:
+    for name, make in CLIPS:
 
         def grouped(on, make=make, tree=tree):
             size = _plan.BRANCH_GROUP_SIZE if on else 1
