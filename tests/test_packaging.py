@@ -2,12 +2,16 @@
 
 Both are built once per session with ``python -m build --no-isolation`` (the sdist
 first, then the wheel from the unpacked sdist, as ``build`` does by default, so the
-wheel also shows that the sdist builds). The wheel must hold the package and nothing
-else; the sdist must hold the tests, examples and docs, and its tests must run.
+wheel also shows that the sdist builds), from a copy of the source tree without build
+leftovers: setuptools adds every file listed in a stale ``*.egg-info/SOURCES.txt`` to
+the sdist, which would hide a missing ``MANIFEST.in`` rule in a checkout that was
+built before. The wheel must hold the package and nothing else; the sdist must hold
+the tests, examples and docs, and its tests must run.
 """
 
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -26,6 +30,21 @@ LICENSE_MARK = "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION"
 RUNTIME_DEPENDENCIES = {"jax", "jaxlib", "optax", "chex"}
 PYTHON_VERSIONS = ["3.11", "3.12", "3.13"]
 TOP_LEVEL_FILES = {"README.md", "LICENSE", "CHANGELOG.md", "pyproject.toml"}
+# Not copied into the build tree: VCS, environments, caches and build leftovers.
+NOT_SOURCES = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "venv",
+    "*.egg-info",
+    "build",
+    "dist",
+    "_build",
+    "__pycache__",
+    "*.pyc",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".hypothesis",
+)
 BUILD_TIMEOUT_S = 300
 PYTEST_TIMEOUT_S = 300
 
@@ -53,10 +72,12 @@ def built(tmp_path_factory):
         pytest.skip("the 'build' package is not installed (it is in the test extra)")
     if not (ROOT / "pyproject.toml").is_file():
         pytest.skip(f"{ROOT} has no pyproject.toml: not a source checkout or sdist")
+    src = tmp_path_factory.mktemp("src") / "tree"
+    shutil.copytree(ROOT, src, ignore=NOT_SOURCES)
     outdir = tmp_path_factory.mktemp("dist")
     proc = subprocess.run(
         [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(outdir)],
-        cwd=ROOT,
+        cwd=src,
         capture_output=True,
         text=True,
         timeout=BUILD_TIMEOUT_S,
