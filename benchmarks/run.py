@@ -28,6 +28,11 @@ f. Trees like users': a transformer-shaped tree (embedding, attention and MLP
    repeated value, a leaf of subnormals, float32 and bf16 leaves mixed, tiny
    and large leaves mixed): each transform alone, time with the feature /
    time without it (same compiled function where the dtypes allow).
+g. The whole train step of a GPT-style Flax NNX model (loss, value_and_grad,
+   ``optimizer.update``) with every clip and guard, vs adamw alone, and the
+   same model in PyTorch with and without ``clip_grad_norm_``; sizes are
+   presets (``--gpt tiny|small|large``). Not in the default sections: ask for
+   it (``--sections g``). See ``benchmarks/train_step.py``.
 
 Method: every variant of a table runs in one process on the same arrays, jitted
 once and warmed up, then timed in interleaved repetitions (the order rotates
@@ -91,6 +96,7 @@ class Preset:
     optax_compile_max: int  # optax is compiled up to this many leaves
     adaptive_sizes: list[tuple[int, int]]
     transformer: tuple[int, int, int] = (384, 6, 8192)  # d_model, layers, vocab
+    gpt: str = "small"  # section g's model (benchmarks/train_step.py)
 
 
 PRESETS = {
@@ -104,6 +110,7 @@ PRESETS = {
         optax_compile_max=4,
         adaptive_sizes=[(4096, 4)],
         transformer=(16, 1, 64),
+        gpt="tiny",
     ),
     "quick": Preset(
         sizes=[(10 * M, 16), (10 * M, 256), (10 * M, 2048)],
@@ -131,6 +138,7 @@ PRESETS = {
         compile_shape=(8,),
         optax_compile_max=3000,
         adaptive_sizes=[(10 * M, 256), (10 * M, 2048)],
+        gpt="large",
     ),
 }
 
@@ -1130,6 +1138,11 @@ def write_report(path: Path, results: dict, meta: dict) -> None:
             + ".",
             "",
         ]
+    g = results.get("g")
+    if g:
+        from benchmarks import train_step
+
+        lines += train_step.report_lines(g)
     lines += [
         "## Reproduce",
         "",
@@ -1171,6 +1184,21 @@ def main(argv: list[str] | None = None) -> dict:
         "--dtypes", default=None, help="gradient dtypes, e.g. float32,bfloat16"
     )
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument(
+        "--gpt",
+        choices=("tiny", "small", "large"),
+        default=None,
+        help="section g's model (default: tiny, small, large for --tiny, "
+        "--quick, --full)",
+    )
+    parser.add_argument(
+        "--gpt-dtype", choices=("float32", "bfloat16"), default="float32"
+    )
+    parser.add_argument(
+        "--gpt-variants",
+        default=None,
+        help="section g: only these variants (and adamw), comma-separated",
+    )
     parser.add_argument(
         "--compile-timeout",
         type=float,
@@ -1242,6 +1270,17 @@ def main(argv: list[str] | None = None) -> dict:
         results["f"] = section_f(preset, log)
     if "d" in args.sections:
         results["d"] = section_d(preset, log, args.compile_timeout, whats)
+    if "g" in args.sections:
+        from benchmarks import train_step  # imports this module
+
+        results["g"] = train_step.section_g(
+            log,
+            args.gpt or preset.gpt,
+            args.gpt_dtype,
+            args.gpt_variants.split(",") if args.gpt_variants else None,
+            args.reps,
+            use_torch,
+        )
     cmd = "python -m benchmarks.run " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )

@@ -2,9 +2,12 @@
 
 import math
 
+import jax
 import pytest
+from flax import nnx
+from registry import CASES
 
-from benchmarks import compare, run, workarounds
+from benchmarks import compare, run, train_step, workarounds
 
 pytestmark = pytest.mark.slow
 
@@ -100,3 +103,54 @@ def test_sizes_and_shapes():
     shapes = run.leaf_shapes(10_000_000, 256)
     assert len(shapes) == 256 and shapes[0][1] == 128
     assert run.leaf_shapes(100, 4) == [(25,)] * 4
+
+
+def test_train_step_section(tmp_path):
+    # Section g on the tiny GPT, a few variants (each compile takes seconds).
+    names = ["optax.clip_by_global_norm", "clip_by_global_norm", "skip_on_spike"]
+    out, saved = tmp_path / "g.md", tmp_path / "g.json"
+    args = ["--tiny", "--sections", "g", "--gpt-variants", ",".join(names)]
+    res = run.main([*args, "--out", str(out), "--json", str(saved)])
+    rows = res["results"]["g"]
+    jax_rows = {r["variant"]: r for r in rows if r["framework"] == "jax"}
+    assert list(jax_rows) == ["adamw", *names]
+    # By hand: d=32, 2 layers, vocab 64, 16 positions, untied head.
+    d, vocab, seq = 32, 64, 16
+    block = 2 * d + 4 * (d * d + d) + 2 * d + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    expected = vocab * d + seq * d + 2 * block + 2 * d + d * vocab
+    assert expected == 30_080
+    for r in jax_rows.values():
+        assert r["params"] == expected and r["leaves"] == 2 + 2 * 16 + 2 + 1
+        assert r["ms"] > 0 and math.isfinite(r["ratio"]) and r["ratio"] > 0
+        assert r["compile_s"] > 0 and math.isfinite(r["loss"])
+    assert jax_rows["adamw"]["ratio"] == 1.0
+    torch_rows = [r for r in rows if r["framework"] == "torch"]
+    if run.torch_version() is None:
+        assert [r["variant"] for r in torch_rows] == ["torch not installed"]
+    else:
+        assert [r["variant"] for r in torch_rows] == ["adamw", "clip_grad_norm_"]
+        for r in torch_rows:  # the same model, parameter for parameter
+            assert r["params"] == expected
+            assert math.isfinite(r["ratio"]) and r["ratio"] > 0
+    text = out.read_text()
+    assert "## g." in text and "| jax | skip_on_spike |" in text
+    assert "--sections g" in text and saved.exists()
+
+
+def test_train_step_variants_and_presets():
+    # Every public transform of the contract registry has a variant.
+    assert {c.name for c in CASES} <= set(train_step.variants())
+    assert list(train_step.variants(["zclip"])) == ["adamw", "zclip"]
+    with pytest.raises(ValueError, match="zclipp"):
+        train_step.variants(["zclipp"])
+    # The presets' counts (shapes only, nothing allocated) match the formulas.
+    for name, cfg in train_step.GPT_PRESETS.items():
+        model = nnx.eval_shape(
+            lambda cfg=cfg: train_step.GPT(cfg, "float32", nnx.Rngs(0))
+        )
+        leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+        assert len(leaves) == train_step.n_leaves(cfg), name
+        assert sum(x.size for x in leaves) == train_step.n_params(cfg), name
+    small, large = train_step.GPT_PRESETS["small"], train_step.GPT_PRESETS["large"]
+    assert 9e6 < train_step.n_params(small) < 12e6
+    assert train_step.n_params(large) > 50e6 and train_step.n_leaves(large) > 300
