@@ -31,8 +31,9 @@ f. Trees like users': a transformer-shaped tree (embedding, attention and MLP
 g. The whole train step of a GPT-style Flax NNX model (loss, value_and_grad,
    ``optimizer.update``) with every clip and guard, vs adamw alone, and the
    same model in PyTorch with and without ``clip_grad_norm_``; sizes are
-   presets (``--gpt tiny|small|large``). Not in the default sections: ask for
-   it (``--sections g``). See ``benchmarks/train_step.py``.
+   presets (``--gpt tiny|small|large``, or several: ``--gpt small,large``).
+   Not in the default sections: ask for it (``--sections g``). See
+   ``benchmarks/train_step.py``.
 
 Method: every variant of a table runs in one process on the same arrays, jitted
 once and warmed up, then timed in interleaved repetitions (the order rotates
@@ -1186,10 +1187,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument(
         "--gpt",
-        choices=("tiny", "small", "large"),
         default=None,
-        help="section g's model (default: tiny, small, large for --tiny, "
-        "--quick, --full)",
+        help="section g's models, among tiny, small, large, e.g. small,large "
+        "(default: tiny, small, large for --tiny, --quick, --full)",
     )
     parser.add_argument(
         "--gpt-dtype", choices=("float32", "bfloat16"), default="float32"
@@ -1232,6 +1232,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(whats) - set(COMPILE_WHAT))
     if unknown:
         parser.error(f"--compile-what: unknown {unknown}; use {COMPILE_WHAT}")
+    if args.gpt and not set(args.gpt.split(",")) <= {"tiny", "small", "large"}:
+        parser.error(f"--gpt: unknown model in {args.gpt}; use tiny, small, large")
     if args.compile_worker is not None:
         compile_worker(args.compile_worker)
         return {}
@@ -1273,14 +1275,16 @@ def main(argv: list[str] | None = None) -> dict:
     if "g" in args.sections:
         from benchmarks import train_step  # imports this module
 
-        results["g"] = train_step.section_g(
-            log,
-            args.gpt or preset.gpt,
-            args.gpt_dtype,
-            args.gpt_variants.split(",") if args.gpt_variants else None,
-            args.reps,
-            use_torch,
-        )
+        results["g"] = []
+        for gpt in (args.gpt or preset.gpt).split(","):
+            results["g"] += train_step.section_g(
+                log,
+                gpt,
+                args.gpt_dtype,
+                args.gpt_variants.split(",") if args.gpt_variants else None,
+                args.reps,
+                use_torch,
+            )
     cmd = "python -m benchmarks.run " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )

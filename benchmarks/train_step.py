@@ -5,6 +5,7 @@ Run from the repository root (one section of ``python -m benchmarks.run``)::
   python -m benchmarks.run --sections g --gpt small   # ~10M parameters
   python -m benchmarks.run --sections g --gpt large   # ~55M, 389 leaves
   python -m benchmarks.run --sections g --gpt tiny    # seconds (the test)
+  python -m benchmarks.run --sections g --gpt small,large --json g.json
 
 What it measures: the step users run, not a stand-in. A GPT-style model
 (token and position embeddings, pre-LayerNorm blocks with causal multi-head

@@ -97,6 +97,12 @@ def test_unknown_compile_case_is_an_error(capsys):
     assert "blok" in capsys.readouterr().err
 
 
+def test_unknown_gpt_model_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        run.main(["--tiny", "--sections", "g", "--gpt", "tiny,huge"])
+    assert "huge" in capsys.readouterr().err
+
+
 def test_sizes_and_shapes():
     assert run._parse_size("10M:256") == (10_000_000, 256)
     assert run._parse_size("2.5K:4") == (2500, 4)
