@@ -7,6 +7,13 @@ the wrapped optimizer's state exactly as it was (the inner update's results
 are selected away, bit for bit), so the run continues as if the step had never
 happened. Both are jit-safe, run inside ``jax.lax.scan`` and keep their
 counters in fixed-shape state, visible through :func:`optax_clip.get_stats`.
+
+They do not clip, so their statistics are their own (``grad_norm``,
+``is_skipped``, ``skipped_steps``, ...; see :func:`optax_clip.get_stats`), not
+:class:`optax_clip.ClipStats`. Their state fields have distinctive names
+(``guard_num_updates``, read as the property ``num_updates``), so that
+:func:`optax.tree.get` finds them beside the statistics of a clip inside the
+guard.
 """
 
 from __future__ import annotations
@@ -18,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_clip import _apply, _norms, _validation, _xla_cpu
-from optax_clip._stats import ClipStats, count_if, init_clip_stats
+from optax_clip import _norms, _validation, _xla_cpu
+from optax_clip._stats import count_if
 
 _F32 = jnp.float32
 _I32 = jnp.int32
@@ -75,9 +82,14 @@ def _checked_inner(name: str, inner: Any) -> optax.GradientTransformationExtraAr
         callable(getattr(inner, "init", None))
         and callable(getattr(inner, "update", None))
     ):
+        hint = ""
+        if callable(inner) and not hasattr(inner, "init"):
+            what = getattr(inner, "__name__", None) or "it"
+            hint = f"; if {what} builds an optimizer, call it: {what}(...)"
         raise TypeError(
             f"{name} wraps an optimizer (an optax.GradientTransformation, e.g. "
-            f"{name}(optax.adam(1e-3))), got {inner!r}."
+            f"{name}(optax.adam(1e-3))) as its first argument, got "
+            f"{inner!r}{hint}."
         )
     return optax.with_extra_args_support(inner)
 
@@ -89,9 +101,14 @@ def _loss_scalar(loss: Any) -> jax.Array:
     return loss.astype(_F32)
 
 
+def _flag(x: jax.Array) -> jax.Array:
+    return jnp.asarray(x, bool).astype(_I32)
+
+
 def _skip_counts(state, skip) -> dict[str, jax.Array]:
-    """The guards' ``skipped_steps`` and ``skip_streak`` after a step."""
+    """The counters both guards keep, after a step (``skip``: it was skipped)."""
     return {
+        "guard_num_updates": count_if(state.guard_num_updates, True),
         "skipped_steps": count_if(state.skipped_steps, skip),
         "skip_streak": jnp.where(skip, count_if(state.skip_streak, True), 0).astype(
             _I32
@@ -104,20 +121,61 @@ class SkipNonfiniteState(NamedTuple):
 
     Attributes:
       guarded_state: the wrapped optimizer's state.
-      clip_stats: :class:`optax_clip.ClipStats` of the gate: ``pre_clip_norm``
-        is the gradient's global norm, ``clip_scale`` is 0 on a skipped step
-        and 1 otherwise, ``num_nonfinite`` counts the skipped steps.
-      skipped_steps: total number of skipped steps (int32, saturating).
+      guard_grad_norm: global 2-norm of the last step's gradients (float32;
+        NaN or Inf when they held a NaN or Inf). Key (and property)
+        ``grad_norm`` in :func:`optax_clip.get_stats`.
+      guard_is_nonfinite: 1 if the last step's gradients (or ``loss``) held a
+        NaN or Inf, and so was skipped, else 0 (int32). Keys ``is_nonfinite``
+        and ``is_skipped``.
+      guard_num_updates: number of steps seen (int32, saturating). Key
+        ``num_updates``.
+      skipped_steps: number of skipped steps, all of them non-finite ones
+        (int32, saturating). Keys ``skipped_steps`` and ``num_nonfinite``.
       skip_streak: number of consecutive skipped steps up to the last one
         (int32; 0 after a step that was applied).
     """
 
     guarded_state: Any
-    clip_stats: ClipStats
+    guard_grad_norm: jax.Array
+    guard_is_nonfinite: jax.Array
+    guard_num_updates: jax.Array
     skipped_steps: jax.Array
     skip_streak: jax.Array
     _stats_name = "skip_nonfinite"
-    _stats_fields = ("skipped_steps", "skip_streak")
+    _stats_fields = (
+        "grad_norm",
+        "is_skipped",
+        "is_nonfinite",
+        "num_updates",
+        "num_nonfinite",
+        "skipped_steps",
+        "skip_streak",
+    )
+
+    @property
+    def grad_norm(self) -> jax.Array:
+        """``guard_grad_norm``."""
+        return self.guard_grad_norm
+
+    @property
+    def is_skipped(self) -> jax.Array:
+        """``guard_is_nonfinite``: a step is skipped when it is non-finite."""
+        return self.guard_is_nonfinite
+
+    @property
+    def is_nonfinite(self) -> jax.Array:
+        """``guard_is_nonfinite``."""
+        return self.guard_is_nonfinite
+
+    @property
+    def num_updates(self) -> jax.Array:
+        """``guard_num_updates``."""
+        return self.guard_num_updates
+
+    @property
+    def num_nonfinite(self) -> jax.Array:
+        """``skipped_steps``: every skipped step is a non-finite one."""
+        return self.skipped_steps
 
 
 def skip_nonfinite(
@@ -169,11 +227,14 @@ def skip_nonfinite(
     axes = _validation.axis_name(axis_name)
 
     def init_fn(params):
+        zero_i = jnp.zeros((), _I32)
         return SkipNonfiniteState(
             guarded_state=inner.init(params),
-            clip_stats=init_clip_stats(jnp.inf),
-            skipped_steps=jnp.zeros((), _I32),
-            skip_streak=jnp.zeros((), _I32),
+            guard_grad_norm=jnp.zeros((), _F32),
+            guard_is_nonfinite=zero_i,
+            guard_num_updates=zero_i,
+            skipped_steps=zero_i,
+            skip_streak=zero_i,
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -185,11 +246,10 @@ def skip_nonfinite(
         out, inner_state = _guarded_update(
             inner, bad, updates, state.guarded_state, params, extra_args
         )
-        gate = _apply.gate(norm.astype(_F32), bad, bad)
-        stats = _apply.record(state.clip_stats, gate, jnp.inf)
         new_state = SkipNonfiniteState(
             guarded_state=inner_state,
-            clip_stats=stats,
+            guard_grad_norm=norm.astype(_F32),
+            guard_is_nonfinite=_flag(bad),
             **_skip_counts(state, bad),
         )
         return out, new_state
@@ -202,11 +262,14 @@ class SkipOnSpikeState(NamedTuple):
 
     Attributes:
       guarded_state: the wrapped optimizer's state.
-      clip_stats: :class:`optax_clip.ClipStats` of the gate: ``pre_clip_norm``
-        is the gradient's global norm, ``clip_threshold`` the norm above which
-        a step is skipped (``inf`` until enough history), ``clip_scale`` is 0
-        on a skipped step and 1 otherwise, ``num_clipped`` counts the steps
-        skipped as spikes and ``num_nonfinite`` those skipped for a NaN/Inf.
+      guard_grad_norm: global 2-norm of the last step's gradients (float32;
+        NaN or Inf when they held a NaN or Inf). Key (and property)
+        ``grad_norm`` in :func:`optax_clip.get_stats`.
+      grad_norm_threshold: gradient norm above which the last step would
+        have been skipped as a spike: the window's mean plus ``sigma``
+        standard deviations (float32; ``inf`` until the window holds
+        ``min_history`` norms; NaN when a traced hyper-parameter was out of
+        range, and the step was skipped).
       norm_window: ring buffer (float32, length ``window``) of recent finite
         gradient norms.
       norm_window_pos: slot the next norm is written to (int32).
@@ -218,12 +281,25 @@ class SkipOnSpikeState(NamedTuple):
       grad_zscore: z-score of the last step's gradient norm (0 until active).
       loss_zscore: z-score of the last step's loss (0 until active or without
         a loss).
+      guard_is_skipped: 1 if the last step was skipped (a spike, a NaN or
+        Inf, or a traced hyper-parameter out of range), else 0 (int32). Key
+        ``is_skipped``.
+      guard_is_nonfinite: 1 if the last step's gradients or loss held a NaN
+        or Inf, else 0 (int32). Key ``is_nonfinite``.
+      guard_num_updates: number of steps seen (int32, saturating). Key
+        ``num_updates``.
+      guard_num_nonfinite: number of steps whose gradients or loss held a
+        NaN or Inf (int32, saturating). Key ``num_nonfinite``.
+      spike_steps: number of finite steps skipped as a spike of the gradient
+        norm or the loss (int32, saturating).
       skipped_steps: total number of skipped steps (int32, saturating).
-      skip_streak: number of consecutive skipped steps up to the last one.
+      skip_streak: number of consecutive skipped steps up to the last one
+        (int32; 0 after a step that was applied).
     """
 
     guarded_state: Any
-    clip_stats: ClipStats
+    guard_grad_norm: jax.Array
+    grad_norm_threshold: jax.Array
     norm_window: jax.Array
     norm_window_pos: jax.Array
     norm_window_len: jax.Array
@@ -232,10 +308,52 @@ class SkipOnSpikeState(NamedTuple):
     loss_window_len: jax.Array
     grad_zscore: jax.Array
     loss_zscore: jax.Array
+    guard_is_skipped: jax.Array
+    guard_is_nonfinite: jax.Array
+    guard_num_updates: jax.Array
+    guard_num_nonfinite: jax.Array
+    spike_steps: jax.Array
     skipped_steps: jax.Array
     skip_streak: jax.Array
     _stats_name = "skip_on_spike"
-    _stats_fields = ("grad_zscore", "loss_zscore", "skipped_steps", "skip_streak")
+    _stats_fields = (
+        "grad_norm",
+        "grad_norm_threshold",
+        "grad_zscore",
+        "loss_zscore",
+        "is_skipped",
+        "is_nonfinite",
+        "num_updates",
+        "num_nonfinite",
+        "spike_steps",
+        "skipped_steps",
+        "skip_streak",
+    )
+
+    @property
+    def grad_norm(self) -> jax.Array:
+        """``guard_grad_norm``."""
+        return self.guard_grad_norm
+
+    @property
+    def is_skipped(self) -> jax.Array:
+        """``guard_is_skipped``."""
+        return self.guard_is_skipped
+
+    @property
+    def is_nonfinite(self) -> jax.Array:
+        """``guard_is_nonfinite``."""
+        return self.guard_is_nonfinite
+
+    @property
+    def num_updates(self) -> jax.Array:
+        """``guard_num_updates``."""
+        return self.guard_num_updates
+
+    @property
+    def num_nonfinite(self) -> jax.Array:
+        """``guard_num_nonfinite``."""
+        return self.guard_num_nonfinite
 
 
 class _Outlier(NamedTuple):
@@ -307,11 +425,12 @@ def skip_on_spike(
       window: number of recent values the mean and deviation are taken over
         (an integer >= 2; fixes the state's shape: with
         :func:`optax.inject_hyperparams`, list it in ``static_args``).
-      sigma: how many standard deviations above the mean is a spike (>= 0;
-        default 6).
+      sigma: how many standard deviations above the mean is a spike (a
+        number >= 0, not NaN; default 6; ``inf`` turns the spike test off,
+        leaving the NaN/Inf skip).
       min_history: values needed before the test is active (an integer in
         ``[2, window]``; default ``max(2, window // 2)``). A traced ``sigma`` or
-        ``min_history`` out of range skips the step (``clip_threshold`` reads
+        ``min_history`` out of range skips the step (``grad_norm_threshold`` reads
         NaN): a guard never lets a step through on a test it cannot make.
       axis_name: mapped axes over which the update is sharded, so that all
         devices skip the same steps.
@@ -345,7 +464,7 @@ def skip_on_spike(
     if min_history is None:
         min_history = max(2, size // 2)
     # An out-of-range traced value skips every step (a guard never lets a
-    # step through on a test it cannot make); clip_threshold then reads NaN.
+    # step through on a test it cannot make); grad_norm_threshold reads NaN.
     valid = _validation.all_valid(
         _validation.nonnegative("sigma", sigma),
         _validation.count("min_history", min_history, minimum=2, maximum=size),
@@ -356,7 +475,8 @@ def skip_on_spike(
         zero_f, zero_i = jnp.zeros((), _F32), jnp.zeros((), _I32)
         return SkipOnSpikeState(
             guarded_state=inner.init(params),
-            clip_stats=init_clip_stats(jnp.inf),
+            guard_grad_norm=zero_f,
+            grad_norm_threshold=jnp.asarray(jnp.inf, _F32),
             norm_window=jnp.zeros((size,), _F32),
             norm_window_pos=zero_i,
             norm_window_len=zero_i,
@@ -365,6 +485,11 @@ def skip_on_spike(
             loss_window_len=zero_i,
             grad_zscore=zero_f,
             loss_zscore=zero_f,
+            guard_is_skipped=zero_i,
+            guard_is_nonfinite=zero_i,
+            guard_num_updates=zero_i,
+            guard_num_nonfinite=zero_i,
+            spike_steps=zero_i,
             skipped_steps=zero_i,
             skip_streak=zero_i,
         )
@@ -386,7 +511,7 @@ def skip_on_spike(
             need,
         )
         nonfinite = ~finite
-        skip = g.spike
+        spike = g.spike
         loss = extra_args.get("loss")
         loss_window = (state.loss_window, state.loss_window_pos, state.loss_window_len)
         loss_z = jnp.zeros((), _F32)
@@ -397,19 +522,19 @@ def skip_on_spike(
                 jnp.where(loss_ok, value, 0.0), loss_ok, *loss_window, size, s, need
             )
             nonfinite = nonfinite | ~loss_ok
-            skip = skip | lv.spike
+            spike = spike | lv.spike
             loss_window = (lv.window, lv.pos, lv.length)
             loss_z = lv.zscore
-        skip = skip | nonfinite | ~jnp.asarray(valid)
+        spike = spike & ~nonfinite
+        skip = spike | nonfinite | ~jnp.asarray(valid)
         out, inner_state = _guarded_update(
             inner, skip, updates, state.guarded_state, params, extra_args
         )
         level = _validation.nan_unless(valid, g.level)
-        gate = _apply.gate(norm.astype(_F32), skip, nonfinite)
-        stats = _apply.record(state.clip_stats, gate, level)
         new_state = SkipOnSpikeState(
             guarded_state=inner_state,
-            clip_stats=stats,
+            guard_grad_norm=norm.astype(_F32),
+            grad_norm_threshold=level.astype(_F32),
             norm_window=g.window,
             norm_window_pos=g.pos,
             norm_window_len=g.length,
@@ -418,6 +543,10 @@ def skip_on_spike(
             loss_window_len=loss_window[2],
             grad_zscore=g.zscore.astype(_F32),
             loss_zscore=loss_z.astype(_F32),
+            guard_is_skipped=_flag(skip),
+            guard_is_nonfinite=_flag(nonfinite),
+            guard_num_nonfinite=count_if(state.guard_num_nonfinite, nonfinite),
+            spike_steps=count_if(state.spike_steps, spike),
             **_skip_counts(state, skip),
         )
         return out, new_state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -112,6 +113,13 @@ def update_clip_stats(
 # get_stats
 # --------------------------------------------------------------------------
 
+# A state class takes part in get_stats through two class attributes:
+#   _stats_name: the method's name, the first part of every key;
+#   _stats_fields: the extra keys it reports, names of its fields or of
+#     properties (a property gives a short key to a field whose name stays
+#     distinctive for optax.tree.get: a guard's num_updates is guard_num_updates).
+# A field named clip_stats (a ClipStats) adds the ClipStats fields.
+
 
 def _unwrap(x: Any) -> Any:
     """Array value of ``x``, also when Flax NNX wraps state arrays in Variables."""
@@ -125,6 +133,38 @@ def _is_stats_owner(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(type(x), "_stats_name")
 
 
+def _derived(keys: Sequence[str]) -> tuple[str, ...]:
+    """The keys get_stats computes from others: the fractions of steps."""
+    out = ()
+    if "num_updates" in keys:
+        if "num_clipped" in keys:
+            out += ("clip_fraction",)
+        if "skipped_steps" in keys:
+            out += ("skip_fraction",)
+    return out
+
+
+def stats_keys(cls: type) -> tuple[str, ...]:
+    """Every key (without the ``"<method>/"`` part) a state class reports."""
+    keys: tuple[str, ...] = ()
+    if "clip_stats" in getattr(cls, "_fields", ()):
+        keys += ClipStats._fields
+    keys += tuple(k for k in getattr(cls, "_stats_fields", ()) if k not in keys)
+    return keys + _derived(keys)
+
+
+def _known_owners() -> list[type]:
+    """The state classes of every public transform (all are exported)."""
+    import optax_clip  # the package imports every module that defines one
+
+    return [
+        obj
+        for obj in vars(optax_clip).values()
+        if isinstance(obj, type) and issubclass(obj, tuple)
+        if hasattr(obj, "_stats_name")
+    ]
+
+
 def _key_str(key: Any) -> str:
     for attr in ("name", "key", "idx"):
         if hasattr(key, attr):
@@ -132,8 +172,8 @@ def _key_str(key: Any) -> str:
     return str(key)  # pragma: no cover - unknown key type
 
 
-def _records(state: Any, path: tuple[str, ...]):
-    """Yields ``(name, path, {field: value})`` for each stats owner in ``state``."""
+def _owners(state: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple, Any]]:
+    """Yields ``(path, owner)`` for each stats owner in ``state``, outer first."""
     found, _ = jax.tree_util.tree_flatten_with_path(
         state, is_leaf=lambda x: x is not state and _is_stats_owner(x)
     )
@@ -143,47 +183,221 @@ def _records(state: Any, path: tuple[str, ...]):
         if not _is_stats_owner(node):
             continue
         node_path = path + tuple(_key_str(k) for k in key_path)
-        values: dict[str, Any] = {}
-        stats = getattr(node, "clip_stats", None)
-        if stats is not None:
-            values.update(
-                {f: _unwrap(v) for f, v in zip(stats._fields, stats, strict=True)}
-            )
-        for field in getattr(type(node), "_stats_fields", ()):
-            values[field] = _unwrap(getattr(node, field))
-        yield type(node)._stats_name, node_path, values
+        yield node_path, node
         # Wrappers (guards) hold inner optimizer states that may hold clippers.
         for child_name, child in zip(node._fields, node, strict=True):
-            if child_name == "clip_stats":
-                continue
-            if any(True for _ in _iter_owners(child)):
-                yield from _records(child, node_path + (child_name,))
+            if child_name != "clip_stats" and _holds_owner(child):
+                yield from _owners(child, node_path + (child_name,))
 
 
-def _iter_owners(tree: Any):
+def _holds_owner(tree: Any) -> bool:
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=_is_stats_owner)
-    return (x for x in leaves if _is_stats_owner(x))
+    return any(_is_stats_owner(x) for x in leaves)
 
 
-def get_stats(opt_state: Any, *, prefix: str = "") -> dict[str, jax.Array]:
-    """Collects the clip statistics of every optax_clip transform in a state.
+def _values(node: Any, wanted: frozenset[str] | None) -> dict[str, Any]:
+    """``{key: value}`` of one stats owner (only the ``wanted`` keys, if given)."""
+    cls = type(node)
+    sources: dict[str, Any] = {}
+    stats = getattr(node, "clip_stats", None) if "clip_stats" in cls._fields else None
+    if stats is not None:
+        sources.update(zip(stats._fields, stats, strict=True))
+    for key in getattr(cls, "_stats_fields", ()):
+        sources[key] = getattr(node, key)
+    values = {
+        k: _unwrap(v) for k, v in sources.items() if wanted is None or k in wanted
+    }
+    for key in _derived(tuple(sources)):
+        if wanted is not None and key not in wanted:
+            continue
+        count = "num_clipped" if key == "clip_fraction" else "skipped_steps"
+        steps = jnp.maximum(jnp.asarray(_unwrap(sources["num_updates"])), 1)
+        values[key] = jnp.asarray(_unwrap(sources[count])) / steps
+    return values
+
+
+# ----- what was passed when no statistics are found ------------------------
+
+_WHAT_TO_PASS = (
+    "Pass the optimizer's state: for an optax transformation tx, the state "
+    "returned by tx.init(params) or tx.update(...); for Flax NNX, "
+    "optimizer.opt_state; for a Flax Linen TrainState, state.opt_state."
+)
+
+
+def _is_nnx_state(x: Any) -> bool:
+    return isinstance(x, Mapping) and type(x).__module__.startswith("flax.nnx")
+
+
+def _is_state_node(x: Any) -> bool:
+    """True for an optax state node: a NamedTuple (``EmptyState()`` too)."""
+    return isinstance(x, tuple) and hasattr(type(x), "_fields")
+
+
+def _holds_optax_state(tree: Any) -> bool:
+    if _is_state_node(tree):
+        return True
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=_is_state_node)
+    return any(_is_state_node(x) for x in leaves)
+
+
+def _state_field_names() -> set[str]:
+    """Field names that only our states have (seen in a converted state)."""
+    names = {"clip_stats"}
+    for cls in _known_owners():
+        names.update(f for f in cls._fields if f.startswith(("guard_", "skip")))
+    return names
+
+
+def _lost_types(tree: Any) -> bool:
+    """Whether ``tree`` holds our states converted to plain containers."""
+    ours = _state_field_names()
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if any(_key_str(k) in ours for k in path):
+            return True
+    return False
+
+
+def _describe(x: Any) -> str:
+    """``x``'s type for a message: ``None``, ``a dict``, ``flax.nnx...State``."""
+    if x is None:
+        return "None"
+    cls = type(x)
+    if cls.__module__ == "builtins":
+        name = cls.__qualname__
+        return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+    return f"a {cls.__module__}.{cls.__qualname__}"
+
+
+def _check_not_empty(opt_state: Any) -> None:
+    """Raises unless ``opt_state`` is an optimizer state (one without clips)."""
+    if _is_nnx_state(opt_state):
+        raise ValueError(
+            "get_stats got a Flax NNX State (what nnx.state and nnx.split "
+            "return), in which the optax state types that name the statistics "
+            "are gone. " + _WHAT_TO_PASS
+        )
+    if _lost_types(opt_state):
+        raise ValueError(
+            f"get_stats got {_describe(opt_state)} that holds optax_clip state "
+            "fields (clip_stats, ...) in plain containers: the state was "
+            "converted (flax.serialization.to_state_dict, a checkpoint "
+            "restored without a target, ...), and the types that name the "
+            "statistics are gone. Restore checkpoints into tx.init(params). "
+            + _WHAT_TO_PASS
+        )
+    if not _holds_optax_state(opt_state):
+        raise ValueError(
+            "get_stats found no optimizer state (and so no optax_clip "
+            f"statistics) in {_describe(opt_state)}. " + _WHAT_TO_PASS
+        )
+
+
+def get_stats(
+    opt_state: Any,
+    *,
+    fields: Sequence[str] | None = None,
+    prefix: str = "",
+) -> dict[str, jax.Array]:
+    """Collects the statistics of every optax_clip transform in a state.
 
     Walks any optax state (``chain``, ``inject_hyperparams``, ``masked``,
     ``partition``/``multi_transform``, ``MultiSteps``, our guards, Flax NNX
-    optimizer states, ...) and returns one flat dict of scalars, ready for a
-    logger. Keys are ``"<method>/<field>"``; when the same method appears more
-    than once, the path to each one inside the state is added
-    (``"<method>/<path>/<field>"``) so that keys never collide. Besides the
-    :class:`ClipStats` fields, adaptive methods add their own (e.g. the EMA of
-    the norm), and ``clip_fraction`` is the fraction of steps that were clipped.
+    optimizers, Linen ``TrainState``, ...) and returns one flat dict of
+    scalars, ready for a logger. Keys are ``"<method>/<field>"``; when the
+    same method appears more than once, the path to each one inside the state
+    is added (``"<method>/<path>/<field>"``) so that keys never collide. An
+    optimizer state without any optax_clip transform gives ``{}`` (so that
+    one logging loop serves a run with and without clipping); anything that
+    is not an optimizer state raises.
+
+    Every clip (all transforms but the guards) reports the fields of
+    :class:`ClipStats`, and ``clip_fraction``:
+
+    * ``pre_clip_norm``: norm of the incoming updates (float32; NaN or Inf
+      when they held a NaN or Inf). The global norm of the chosen
+      ``norm_type``; the largest magnitude for ``clip_by_value``.
+    * ``post_clip_norm``: norm of the outgoing updates (float32).
+    * ``clip_scale``: factor applied to the updates (float32; 1 when
+      untouched, 0 when a non-finite step was zeroed). Per-leaf and
+      per-element methods (``clip_by_block_norm``, ``clip_by_value``,
+      ``adagc``, ``adaptive_grad_clip``) report the smallest factor applied.
+    * ``clip_threshold``: threshold in force on the last step (float32; NaN
+      when a traced hyper-parameter was out of range). The largest magnitude
+      the bounds allow for ``clip_by_value``, the percentile for
+      ``autoclip``, the norm above which a step is a spike for ``zclip``, the
+      2-norm of the per-tensor or per-unit thresholds for ``adagc`` (after
+      its warm-up) and ``adaptive_grad_clip``.
+    * ``is_clipped``, ``is_nonfinite``: 1 if the last step was rescaled, or
+      held a NaN or Inf, else 0 (int32).
+    * ``num_updates``, ``num_clipped``, ``num_nonfinite``: steps seen,
+      rescaled, and with a NaN or Inf (int32, saturating).
+    * ``clip_fraction``: ``num_clipped / max(num_updates, 1)`` (float32,
+      computed by ``get_stats``).
+
+    Adaptive clips add:
+
+    * ``autoclip``: ``history_len`` (norms in the history buffer, int32) and
+      ``norm_rank`` (percentile rank, 0 to 100, of the last norm among them,
+      float32).
+    * ``zclip``: ``norm_mean`` and ``norm_std`` (the EMA mean and standard
+      deviation of the norm, float32), ``norm_zscore`` (the last norm's
+      z-score, 0 during warm-up, float32) and ``norms_seen`` (finite steps
+      seen, which the warm-up counts, int32).
+    * ``adagc``: ``adagc_steps`` (finite steps seen, int32) and
+      ``clipped_tensors`` (tensors clipped on the last step, int32).
+    * ``adaptive_grad_clip``: ``clipped_units`` (units clipped on the last
+      step, int32).
+
+    The guards (``skip_nonfinite``, ``skip_on_spike``) skip steps rather
+    than clip them, and report:
+
+    * ``grad_norm``: global 2-norm of the step's gradients (float32; NaN or
+      Inf when they held a NaN or Inf).
+    * ``is_skipped``, ``is_nonfinite``: 1 if the last step was skipped, or
+      its gradients (or ``loss``) held a NaN or Inf, else 0 (int32).
+    * ``num_updates``, ``num_nonfinite``: steps seen, and steps with a NaN or
+      Inf (int32, saturating).
+    * ``skipped_steps``: steps skipped (int32, saturating). For
+      ``skip_nonfinite`` every skipped step is a non-finite one (the same
+      count as ``num_nonfinite``, and ``is_skipped`` is ``is_nonfinite``).
+    * ``skip_streak``: consecutive skipped steps up to the last one (int32; 0
+      after an applied step). Stop a run in which it keeps growing.
+    * ``skip_fraction``: ``skipped_steps / max(num_updates, 1)`` (float32,
+      computed by ``get_stats``).
+
+    ``skip_on_spike`` adds ``grad_norm_threshold`` (the gradient norm above
+    which a step is skipped as a spike: the window's mean plus ``sigma``
+    standard deviations; ``inf`` until ``min_history`` norms, NaN when a
+    traced hyper-parameter was out of range; float32), ``grad_zscore`` and
+    ``loss_zscore`` (z-scores of the last gradient norm and loss against
+    their windows, 0 until active or without a ``loss``; float32) and
+    ``spike_steps`` (finite steps skipped as a spike of the gradient norm or
+    the loss, int32, saturating).
 
     Args:
-      opt_state: an optimizer state, or any pytree containing some.
+      opt_state: an optimizer state (what ``tx.init`` and ``tx.update``
+        return; ``optimizer.opt_state`` of a Flax NNX ``Optimizer``;
+        ``state.opt_state`` of a Linen ``TrainState``), or a pytree holding
+        one (the NNX ``Optimizer`` or the ``TrainState`` itself).
+      fields: the fields to return, by their names above (without the
+        ``"<method>/"`` part), e.g. ``("pre_clip_norm", "is_clipped")``;
+        keys keep their full form. Default: all.
       prefix: prepended to every key (e.g. ``"train/"``).
 
     Returns:
       A dict from string keys to scalar arrays (no host transfer is done; call
-      ``jax.device_get`` on it to get Python-side numbers). Works under ``jit``.
+      ``jax.device_get`` on it to get Python-side numbers). Works under ``jit``
+      and inside ``jax.lax.scan``.
+
+    Raises:
+      TypeError: for a transformation instead of its state, or a ``fields``
+        that is a single string.
+      ValueError: when ``opt_state`` is not an optimizer state (parameters,
+        ``None``, a Flax NNX ``State`` from ``nnx.state(optimizer)`` or a
+        state converted to plain dicts, which lost the types that name the
+        statistics); for an unknown name in ``fields``, or one that no
+        transform in the state reports.
 
     Example:
       >>> import jax.numpy as jnp, optax, optax_clip
@@ -196,17 +410,67 @@ def get_stats(opt_state: Any, *, prefix: str = "") -> dict[str, jax.Array]:
       5.0
       >>> int(stats["clip_by_global_norm/num_clipped"])
       1
+      >>> sorted(optax_clip.get_stats(state, fields=("pre_clip_norm", "is_clipped")))
+      ['clip_by_global_norm/is_clipped', 'clip_by_global_norm/pre_clip_norm']
     """
-    records = list(_records(opt_state, ()))
+    if isinstance(opt_state, optax.GradientTransformation):
+        raise TypeError(
+            "get_stats reads an optimizer state, not an optimizer: pass the "
+            f"state, not the transformation (got a {type(opt_state).__name__}). "
+            + _WHAT_TO_PASS
+        )
+    owners = list(_owners(opt_state, ()))
+    wanted = _wanted(fields, [type(node) for _, node in owners])
+    if not owners:
+        _check_not_empty(opt_state)
+        return {}
+    if wanted is not None:
+        _check_reported(wanted, owners)
     counts: dict[str, int] = {}
-    for name, _, _ in records:
+    for _, node in owners:
+        name = type(node)._stats_name
         counts[name] = counts.get(name, 0) + 1
     out: dict[str, jax.Array] = {}
-    for name, path, values in records:
+    for path, node in owners:
+        name = type(node)._stats_name
         base = name if counts[name] == 1 else "/".join((name, *path))
-        if "num_clipped" in values and "num_updates" in values:
-            steps = jnp.maximum(jnp.asarray(values["num_updates"]), 1)
-            values["clip_fraction"] = jnp.asarray(values["num_clipped"]) / steps
-        for field, value in values.items():
+        for field, value in _values(node, wanted).items():
             out[f"{prefix}{base}/{field}"] = value
     return out
+
+
+def _wanted(fields: Sequence[str] | None, found: list[type]) -> frozenset[str] | None:
+    """``fields`` as a set of known keys (None: all); raises for unknown names."""
+    if fields is None:
+        return None
+    if isinstance(fields, str):
+        raise TypeError(
+            "fields must be a sequence of field names, e.g. ('pre_clip_norm',), "
+            f"got the string {fields!r}."
+        )
+    wanted = tuple(fields)
+    if not wanted:
+        raise ValueError("fields must name at least one field (or be None: all).")
+    known = {k for cls in [*_known_owners(), *found] for k in stats_keys(cls)}
+    unknown = [f for f in wanted if f not in known]
+    if unknown:
+        raise ValueError(
+            f"get_stats: unknown field(s) {', '.join(map(repr, unknown))}; the "
+            f"fields are (without the '<method>/' part): {', '.join(sorted(known))}."
+        )
+    return frozenset(wanted)
+
+
+def _check_reported(wanted: frozenset[str], owners: list) -> None:
+    """Raises if a wanted field is reported by no transform in the state."""
+    reported: dict[str, tuple[str, ...]] = {}
+    for _, node in owners:
+        reported.setdefault(type(node)._stats_name, stats_keys(type(node)))
+    every = {k for keys in reported.values() for k in keys}
+    missing = sorted(wanted - every)
+    if missing:
+        found = "; ".join(f"{n}: {', '.join(k)}" for n, k in reported.items())
+        raise ValueError(
+            f"get_stats: no transform in this state reports "
+            f"{', '.join(map(repr, missing))}. The state holds {found}."
+        )

@@ -31,7 +31,18 @@ NONFINITE_POLICIES = ("propagate", "zero_update")
 #: ``True`` for a concrete value that passed its check, else a traced bool.
 Valid = bool | jax.Array
 
-_VALID_NORM_TYPES = "1, 2 or inf"
+_VALID_NORM_TYPES = (
+    "'l2', 'l1' or 'inf' (any case; also 'linf', '2' and '1'), or the number "
+    "2, 1 or math.inf"
+)
+
+
+def spell(options: tuple[str, ...]) -> str:
+    """``('a', 'b', 'c')`` as ``"'a', 'b' or 'c'"``, for error messages."""
+    quoted = [repr(o) for o in options]
+    if len(quoted) == 1:
+        return quoted[0]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
 def is_traced(value: Any) -> bool:
@@ -121,15 +132,17 @@ def in_range(
 def count(name: str, value: Any, *, minimum: int, maximum: int | None = None) -> Valid:
     """An integer in ``[minimum, maximum]`` that may be traced (not shape-fixing).
 
-    An integral float (``25.0``) is accepted; ``3.5`` is not.
+    An integral float (``25.0``) is accepted; ``3.5`` and ``True`` are not.
     """
+    where = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer {where}, got {value!r}.")
     x = _as_scalar(name, value)
     top = math.inf if maximum is None else maximum
     if x is None:
         v = _traced(value)
         return (v >= minimum) & (v <= top) & (v == jnp.floor(v))
     if math.isinf(x) or x != math.floor(x) or not minimum <= x <= top:
-        where = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{name} must be an integer {where}, got {value!r}.")
     return True
 
@@ -142,10 +155,10 @@ def static_int(name: str, value: Any, *, minimum: int) -> int:
             f"optax.inject_hyperparams, pass static_args=({name!r},)."
         )
     if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an integer, got {value!r}.")
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     arr = np.asarray(value)
     if arr.shape != () or not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{name} must be an integer, got {value!r}.")
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     out = int(arr)
     if out < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {out}.")
@@ -155,7 +168,7 @@ def static_int(name: str, value: Any, *, minimum: int) -> int:
 def choice(name: str, value: Any, options: tuple[str, ...]) -> str:
     """One of ``options`` (case-insensitive), lower-cased."""
     if not isinstance(value, str) or value.lower() not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}.")
+        raise ValueError(f"{name} must be {spell(options)} (any case), got {value!r}.")
     return value.lower()
 
 
@@ -170,7 +183,7 @@ def policy(nonfinite: Any) -> str:
     """A non-finite policy name."""
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(
-            f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}."
+            f"nonfinite must be {spell(NONFINITE_POLICIES)}, got {nonfinite!r}."
         )
     return nonfinite
 
@@ -205,31 +218,39 @@ def nan_unless(valid: Valid, x: jax.Array) -> jax.Array:
     return jnp.where(valid, x, jnp.asarray(jnp.nan, jnp.result_type(x)))
 
 
+def _bad_norm_type(value: Any) -> ValueError:
+    return ValueError(f"norm_type must be {_VALID_NORM_TYPES}; got {value!r}.")
+
+
 def norm_type(value: Any) -> float:
-    """``value`` as ``1.0``, ``2.0`` or ``inf``; raises otherwise."""
+    """``value`` as ``1.0``, ``2.0`` or ``inf``; raises otherwise.
+
+    Accepted: the strings ``"l2"``, ``"l1"``, ``"inf"``, ``"linf"``, ``"2"``,
+    ``"1"`` (any case, surrounding spaces ignored) and the numbers 2, 1 and
+    ``inf`` (Python, NumPy or concrete JAX scalars; not ``True``).
+    """
     if isinstance(value, str):
         key = value.strip().lower()
         table = {"1": 1.0, "l1": 1.0, "2": 2.0, "l2": 2.0, "inf": math.inf}
         table["linf"] = math.inf
         if key in table:
             return table[key]
-        raise ValueError(f"norm_type must be {_VALID_NORM_TYPES}, got {value!r}.")
-    if isinstance(value, bool):
-        raise ValueError(f"norm_type must be {_VALID_NORM_TYPES}, got {value!r}.")
+        raise _bad_norm_type(value)
+    if isinstance(value, (bool, np.bool_)):
+        raise _bad_norm_type(value)
     if isinstance(value, jax.core.Tracer):
         raise ValueError(
-            "norm_type must be a static Python number, got a traced value. With "
-            "optax.inject_hyperparams, pass static_args=('norm_type',)."
+            "norm_type must be static ('l2', 'l1' or 'inf', or a Python number), "
+            "got a traced value. With optax.inject_hyperparams, pass "
+            "static_args=('norm_type',)."
         )
     try:
         x = float(value)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"norm_type must be {_VALID_NORM_TYPES}, got {value!r}."
-        ) from None
+        raise _bad_norm_type(value) from None
     if x in (1.0, 2.0, math.inf):
         return x
-    raise ValueError(f"norm_type must be {_VALID_NORM_TYPES}, got {value!r}.")
+    raise _bad_norm_type(value)
 
 
 def axis_name(value: Any) -> tuple:

@@ -223,6 +223,33 @@ def test_chains_with_adamw(case):
     assert oc.get_stats(state)  # its statistics are found through the chain
 
 
+def _our_field_names(state):
+    """Field names of every optax_clip state node in ``state`` (and ClipStats)."""
+    names = set()
+    for node in jax.tree.leaves(
+        state, is_leaf=lambda x: isinstance(x, tuple) and hasattr(x, "_fields")
+    ):
+        if hasattr(type(node), "_stats_name") or isinstance(node, oc.ClipStats):
+            names.update(node._fields)
+            for child in node:  # a guard's inner chain, a state's ClipStats
+                names.update(_our_field_names(child))
+    return names
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_state_field_names_are_distinctive(case):
+    # optax.tree.get raises on a field name found twice in a state: ours must
+    # differ from optax's (AdamW's count, mu, nu) and, for a guard, from the
+    # ClipStats of the clip inside it.
+    params = tree(seed=3)
+    tx = optax.chain(case.build(), optax.adamw(1e-2, weight_decay=1e-4))
+    state = tx.init(params)
+    names = _our_field_names(state)
+    assert "clip_stats" in names or "guarded_state" in names
+    for name in sorted(names):
+        optax.tree.get(state, name)  # KeyError if the name is not unique
+
+
 @pytest.mark.parametrize(
     "case", [c for c in CASES if c.threshold], ids=lambda c: c.name
 )

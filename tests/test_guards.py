@@ -88,6 +88,61 @@ def test_skip_nonfinite_never_poisons_adam_unlike_apply_if_finite():
     assert int(stats["skip_nonfinite/skipped_steps"]) == 3
 
 
+def test_skip_nonfinite_statistics():
+    tx = oc.skip_nonfinite(optax.sgd(1.0))
+    params = jnp.zeros(2)
+    steps = [jnp.array([3.0, 4.0]), jnp.array([jnp.inf, 1.0]), jnp.array([0.0, 1.0])]
+    history = [s for _, s, _ in run_steps(tx, steps, params)]
+    got = [jax.device_get(oc.get_stats(s)) for s in history]
+    keys = {
+        "grad_norm",
+        "is_skipped",
+        "is_nonfinite",
+        "num_updates",
+        "num_nonfinite",
+        "skipped_steps",
+        "skip_streak",
+        "skip_fraction",
+    }
+    assert set(got[0]) == {f"skip_nonfinite/{k}" for k in keys}
+
+    def series(key):
+        return [float(g[f"skip_nonfinite/{key}"]) for g in got]
+
+    assert series("grad_norm")[0] == 5.0 and series("grad_norm")[2] == 1.0
+    assert series("grad_norm")[1] == np.inf
+    assert series("is_skipped") == series("is_nonfinite") == [0, 1, 0]
+    assert series("num_updates") == [1, 2, 3]
+    assert series("num_nonfinite") == series("skipped_steps") == [0, 1, 1]
+    assert series("skip_streak") == [0, 1, 0]
+    assert series("skip_fraction") == pytest.approx([0, 1 / 2, 1 / 3])
+    # The short names are properties of the state too.
+    last = history[-1]
+    assert float(last.grad_norm) == 1.0 and int(last.num_updates) == 3
+    assert int(history[1].is_skipped) == int(history[1].is_nonfinite) == 1
+    assert int(last.num_nonfinite) == int(last.skipped_steps) == 1
+
+
+@pytest.mark.parametrize(
+    "guard", [oc.skip_nonfinite, lambda inner: oc.skip_on_spike(inner, 4)]
+)
+def test_guard_state_fields_are_distinct_from_an_inner_clip(guard):
+    # optax.tree.get raises on a name that appears twice; the guard's own
+    # fields must not repeat the ClipStats names of a clip inside it.
+    tx = guard(optax.chain(oc.clip_by_global_norm(1.0), optax.adamw(1e-3)))
+    params = jnp.zeros(3)
+    state = tx.init(params)
+    _, state = tx.update(jnp.array([3.0, 4.0, 0.0]), state, params)
+    names = [f for f in type(state)._fields if f != "guarded_state"]
+    names += list(oc.ClipStats._fields)
+    for name in names:
+        optax.tree.get(state, name)  # raises KeyError if repeated
+    assert int(optax.tree.get(state, "guard_num_updates")) == 1
+    assert int(optax.tree.get(state, "num_updates")) == 1  # the clip's
+    assert float(optax.tree.get(state, "pre_clip_norm")) == 5.0
+    assert float(optax.tree.get(state, "guard_grad_norm")) == 5.0
+
+
 def loss_recorder():
     """An inner transform that needs ``loss`` and keeps the last one."""
 
@@ -237,9 +292,9 @@ def test_skip_on_spike_matches_reference(window, sigma, min_history):
         def body(state, n):
             out, state = tx.update(n[None], state, jnp.zeros(1))
             rec = {
-                "skipped": state.clip_stats.is_clipped,
+                "skipped": state.guard_is_skipped,
                 "z": state.grad_zscore,
-                "level": state.clip_stats.clip_threshold,
+                "level": state.grad_norm_threshold,
                 "out": out[0],
             }
             return state, rec
@@ -256,6 +311,7 @@ def test_skip_on_spike_matches_reference(window, sigma, min_history):
     np.testing.assert_array_equal(out[skip], 0.0)
     np.testing.assert_array_equal(out[~skip], -norms[~skip])
     assert skip.sum() >= 3 and int(state.skipped_steps) == skip.sum()
+    assert int(state.spike_steps) == skip.sum()  # all finite: every skip a spike
 
 
 def test_skip_on_spike_skipped_step_is_as_if_absent():
@@ -307,7 +363,12 @@ def test_skip_on_spike_loss_inactive_one_sided_and_nonfinite():
     assert int(stats["skip_on_spike/skipped_steps"]) == 2
     assert int(stats["skip_on_spike/skip_streak"]) == 2
     assert int(stats["skip_on_spike/num_nonfinite"]) == 1
-    assert int(stats["skip_on_spike/num_clipped"]) == 1  # the loss spike
+    assert int(stats["skip_on_spike/spike_steps"]) == 1  # the loss spike
+    assert int(stats["skip_on_spike/num_updates"]) == 11
+    assert int(stats["skip_on_spike/is_skipped"]) == 1
+    assert int(stats["skip_on_spike/is_nonfinite"]) == 1
+    assert float(stats["skip_on_spike/skip_fraction"]) == pytest.approx(2 / 11)
+    assert np.isnan(float(stats["skip_on_spike/grad_norm"]))
 
 
 def test_skip_on_spike_validation_and_nested_stats():

@@ -7,6 +7,7 @@ are left alone, guards skip the step). Non-float updates are rejected.
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -151,7 +152,9 @@ def test_traced_out_of_range_guard_value_skips(name, bad):
     assert int(state.inner_state.skipped_steps) == 1
     assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(out))
     jax.tree.map(np.testing.assert_array_equal, state.inner_state.guarded_state, before)
-    assert np.isnan(state.inner_state.clip_stats.clip_threshold)
+    assert np.isnan(state.inner_state.grad_norm_threshold)
+    assert int(state.inner_state.guard_is_skipped) == 1
+    assert int(state.inner_state.spike_steps) == 0  # skipped, but not as a spike
 
 
 # --------------------------------------------------------------------------
@@ -181,8 +184,41 @@ def test_bad_values_raise_at_construction(build, match):
 
 @pytest.mark.parametrize("guard", [oc.skip_nonfinite, oc.skip_on_spike])
 def test_guard_of_something_that_is_no_optimizer(guard):
-    with pytest.raises(TypeError, match="wraps an optimizer"):
+    with pytest.raises(TypeError, match="wraps an optimizer.*got 1.0"):
         guard(1.0)
+    with pytest.raises(TypeError, match=r"if adam builds an optimizer, call it"):
+        guard(optax.adam)  # the factory, not an optimizer
+    with pytest.raises(TypeError, match="wraps an optimizer"):
+        guard(optax.adam(1e-3).init)
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        ({"window": 8.0}, TypeError, r"window must be an integer >= 2, got 8.0"),
+        ({"window": True}, TypeError, "window must be an integer >= 2"),
+        ({"window": 1}, ValueError, "window must be >= 2"),
+        ({"sigma": "6"}, TypeError, "sigma must be a real number"),
+        ({"sigma": math.nan}, ValueError, "sigma must not be NaN"),
+        ({"sigma": -0.5}, ValueError, "sigma must be >= 0"),
+        ({"sigma": np.ones(2)}, ValueError, "sigma must be a scalar"),
+        ({"min_history": True}, TypeError, r"min_history must be an integer in"),
+        ({"min_history": 1}, ValueError, r"min_history must be an integer in \[2, 8\]"),
+        ({"axis_name": 1.5}, TypeError, "axis_name"),
+    ],
+)
+def test_skip_on_spike_arguments_checked_at_construction(kwargs, err, match):
+    kwargs = {"window": 8, **kwargs}
+    with pytest.raises(err, match=match):
+        oc.skip_on_spike(optax.sgd(1.0), **kwargs)
+
+
+def test_skip_on_spike_accepts_numpy_and_concrete_jax_values():
+    inner = optax.sgd(1.0)
+    tx = oc.skip_on_spike(inner, np.int64(8), np.float32(3.0), min_history=4.0)
+    assert tx.init(jnp.zeros(2)).norm_window.shape == (8,)
+    oc.skip_on_spike(inner, 8, jnp.asarray(3.0), min_history=jnp.asarray(4))
+    oc.skip_on_spike(inner, 8, math.inf)  # no spike test, only NaN/Inf skips
 
 
 def test_traced_hyper_parameter_must_be_a_scalar():
@@ -219,10 +255,45 @@ def test_norm_type_names(value, expected):
     assert _validation.norm_type(value) == expected
 
 
-@pytest.mark.parametrize("value", [3, 0, -1, 0.5, "fro", None, True, [2]])
+@pytest.mark.parametrize("value", [3, 0, -1, 0.5, "fro", "l3", None, True, [2]])
 def test_unknown_norm_type_rejected(value):
     with pytest.raises(ValueError, match="norm_type"):
         _validation.norm_type(value)
+
+
+def test_norm_type_error_names_exactly_the_accepted_spellings():
+    with pytest.raises(ValueError) as err:
+        oc.clip_by_global_norm(1.0, norm_type=3)
+    message = str(err.value)
+    assert message.startswith("norm_type must be 'l2', 'l1' or 'inf'")
+    assert message.endswith("got 3.")
+    # Every spelling the message names is accepted, in any case ...
+    quoted = re.findall(r"'([^']+)'", message)
+    assert set(quoted) == {"l2", "l1", "inf", "linf", "2", "1"}
+    for word in quoted:
+        assert _validation.norm_type(word) == _validation.norm_type(word.upper())
+    assert "or the number 2, 1 or math.inf;" in message
+    for number in (2, 1, math.inf, 2.0, np.float32(1.0)):  # ... and those numbers
+        assert _validation.norm_type(number) == number
+    # ... and nothing else of the kind.
+    for word in ("l0", "l3", "2.5", "linfinity", "infinity", "fro", "max"):
+        with pytest.raises(ValueError, match="norm_type must be"):
+            _validation.norm_type(word)
+    for factory in (oc.clip_by_block_norm, oc.soft_clip_by_global_norm):
+        with pytest.raises(ValueError, match="'l2', 'l1' or 'inf'"):
+            factory(1.0, norm_type="fro")
+    with pytest.raises(ValueError, match="'l2', 'l1' or 'inf'"):
+        oc.autoclip(norm_type="fro")
+
+
+def test_choice_errors_name_the_accepted_spellings():
+    with pytest.raises(ValueError, match="mode must be 'zscore' or 'percentile'"):
+        oc.zclip(mode="z")
+    oc.zclip(mode="ZScore")  # any case, as the message says
+    with pytest.raises(
+        ValueError, match="nonfinite must be 'propagate' or 'zero_update', got 'skip'"
+    ):
+        oc.clip_by_global_norm(1.0, nonfinite="skip")
 
 
 def test_axis_name_forms():
