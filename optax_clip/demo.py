@@ -15,13 +15,15 @@ table and writes a PNG of the loss and the pre-clip gradient norm of every run.
 
 The data are synthetic (made here, no download). Only ``jax``, ``optax`` and
 ``optax_clip`` are imported with this module; Flax, tqdm and matplotlib (the
-``examples`` extra) are imported when the demo runs.
+``examples`` extra) are imported when the demo runs. ``--help`` works without
+them; running without them stops at once with the command that installs them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +47,10 @@ METHODS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "clip_by_block_norm": lambda: optax_clip.clip_by_block_norm(1.0),
     "zclip": lambda: optax_clip.zclip(),  # adaptive threshold, its defaults
 }
+
+#: What the demo needs besides optax_clip's own dependencies: the ``examples``
+#: extra (``pip install "optax_clip[examples]"``).
+EXTRAS = ("flax", "matplotlib", "tqdm")
 
 #: Mean squared error of always predicting the mean target (1.0): the loss of a
 #: network that has learnt nothing. The sum of two U(0, 1) has variance 1/6.
@@ -234,12 +240,10 @@ def train(
         loss, grads = nnx.value_and_grad(loss_fn)(model, *batch)
         optimizer.update(model, grads)
         _, meter = norm_meter.update(nnx.as_pure(grads), norm_meter.init(None))
-        flags = [
-            value
-            for name, value in optax_clip.get_stats(optimizer.opt_state).items()
-            if name.endswith("/is_clipped")
-        ]
-        clipped = jnp.max(jnp.stack(flags)) if flags else jnp.zeros((), jnp.int32)
+        clipped = jnp.zeros((), jnp.int32)
+        if reports_clipping:  # 1 if any clip in the chain rescaled the step
+            flags = optax_clip.get_stats(optimizer.opt_state, fields=("is_clipped",))
+            clipped = jnp.max(jnp.stack(list(flags.values())))
         record = (loss, meter.clip_stats.pre_clip_norm, clipped)
         return nnx.state((model, optimizer)), record
 
@@ -342,35 +346,121 @@ def _rolling_median(x: np.ndarray, window: int) -> np.ndarray:
     return np.array([np.median(w) if w.size else np.nan for w in medians])
 
 
-def plot(results: Sequence[RunResult], path: Path, title: str) -> None:
-    """Writes the held-out loss and pre-clip gradient norm curves to a PNG."""
+def _same_curve(results: Sequence[RunResult]) -> dict[str, str]:
+    """``{method: earlier method}`` for runs whose held-out losses coincide.
+
+    Such curves are drawn on top of each other (zclip that never clips is
+    exactly the run without clipping); the legend says so.
+    """
+    out: dict[str, str] = {}
+    for i, r in enumerate(results):
+        for earlier in results[:i]:
+            a, b = r.eval_losses, earlier.eval_losses
+            if a.shape == b.shape and np.allclose(a, b, rtol=1e-4, equal_nan=True):
+                out[r.method] = earlier.method
+                break
+    return out
+
+
+def _curve_styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """A distinct look for each method, so that coinciding curves stay visible.
+
+    ``"none"`` is a wide grey band under everything; every other method has
+    its own colour, line style and marker, drawn narrower on top.
+    """
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    colors += ["tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+    dashes = ["-", "--", "-.", ":"]
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
+    styles, k = {}, 0
+    for method in methods:
+        if method == "none":
+            styles[method] = {
+                "color": "0.55",
+                "ls": "-",
+                "lw": 4.0,
+                "alpha": 0.6,
+                "zorder": 1,
+            }
+            continue
+        styles[method] = {
+            "color": colors[k % len(colors)],
+            "ls": dashes[k % len(dashes)],
+            "marker": markers[k % len(markers)],
+            "lw": 1.3,
+            "ms": 4,
+            "zorder": 3 + k,
+        }
+        k += 1
+    return styles
+
+
+def _markevery(n_points: int, index: int, n_curves: int) -> tuple[int, int]:
+    """Markers on about 8 points per curve, staggered between curves."""
+    every = max(1, n_points // 8)
+    return (index * max(1, every // max(n_curves, 1))) % every, every
+
+
+def figure_format(path: Path) -> str:
+    """The figure format ``path`` asks for: its suffix, or ``"png"`` without one.
+
+    Raises:
+      ValueError: for a suffix matplotlib cannot write.
+    """
+    from matplotlib.figure import Figure
+
+    supported = Figure().canvas.get_supported_filetypes()
+    fmt = path.suffix[1:].lower() or "png"
+    if fmt not in supported:
+        raise ValueError(
+            f"cannot write a figure to {str(path)!r}: its suffix "
+            f"{path.suffix!r} is not a format matplotlib writes (use one of "
+            f"{', '.join('.' + f for f in sorted(supported))}, or none for PNG)"
+        )
+    return fmt
+
+
+def plot(results: Sequence[RunResult], path: Path, title: str) -> Any:
+    """Writes the held-out loss and pre-clip gradient norm curves to ``path``.
+
+    The file is written at exactly ``path``, in the format its suffix names
+    (``.png``, ``.pdf``, ``.svg``, ...; PNG when it has none).
+
+    Returns:
+      The matplotlib ``Figure``.
+    """
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
+    fmt = figure_format(path)
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_loss, ax_norm = fig.subplots(1, 2)
     top = 10.0  # losses above this (60x the mean predictor's) are drawn at it
-    for r in results:
-        # "none" on top, dashed: adaptive methods can coincide with it.
-        none = r.method == "none"
-        style = {"color": "black", "ls": "--", "zorder": 3} if none else {}
+    styles = _curve_styles([r.method for r in results])
+    same = _same_curve(results)
+    for i, r in enumerate(results):
+        style = styles[r.method]
+        label = r.method
+        if r.method in same:
+            label += f" (same curve as {same[r.method]})"
         shown = np.where(np.isfinite(r.eval_losses), r.eval_losses, top)
-        (line,) = ax_loss.plot(
-            r.eval_steps, np.minimum(shown, top), label=r.method, **style
+        ax_loss.plot(
+            r.eval_steps,
+            np.minimum(shown, top),
+            label=label,
+            markevery=_markevery(len(shown), i, len(results)),
+            **style,
         )
         steps = np.arange(1, len(r.grad_norms) + 1)
-        color = line.get_color()
-        ax_norm.plot(steps, r.grad_norms, lw=0.4, alpha=0.3, color=color)
+        ax_norm.plot(steps, r.grad_norms, lw=0.4, alpha=0.25, color=style["color"])
         ax_norm.plot(
             steps,
             _rolling_median(r.grad_norms, 25),
-            lw=1.2,
-            color=color,
-            ls="--" if none else "-",
-            zorder=3 if none else 2,
+            markevery=_markevery(len(steps), i, len(results)),
+            **{**style, "lw": style["lw"] * 0.9},
         )
         bad = np.flatnonzero(~np.isfinite(r.losses))
         if bad.size:  # where the run broke down
-            ax_loss.axvline(bad[0] + 1, color=line.get_color(), ls=":", lw=1)
+            ax_loss.axvline(bad[0] + 1, color=style["color"], ls=":", lw=1)
     ax_loss.axhline(
         BASELINE_LOSS, color="gray", ls=":", lw=1, label="predicting the mean"
     )
@@ -390,7 +480,33 @@ def plot(results: Sequence[RunResult], path: Path, title: str) -> None:
     ax_loss.legend(fontsize=8, loc="lower left")
     fig.suptitle(title, size=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, format=fmt, dpi=110)
+    return fig
+
+
+def missing_extras() -> list[str]:
+    """The modules of :data:`EXTRAS` (or their dependencies) that do not import."""
+    missing = []
+    for name in EXTRAS:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            missing.append(err.name or name)
+    return missing
+
+
+def _require_extras() -> None:
+    """Exits with the command that installs the ``examples`` extra if needed."""
+    missing = missing_extras()
+    if missing:
+        names = ", ".join(repr(m) for m in missing)
+        raise SystemExit(
+            f"python -m optax_clip.demo needs the 'examples' extra "
+            f"({', '.join(EXTRAS)}): no module named {names}. Install it with\n"
+            f'  pip install "optax_clip[examples]"\n'
+            f"or, from a clone of the repository,\n"
+            f'  pip install -e ".[examples]"'
+        )
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -399,6 +515,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         description=(
             "Trains a ReLU recurrent network (IRNN) on the adding problem with "
             "Adam, once per clipping method, and compares the runs."
+        ),
+        epilog=(
+            "Needs the 'examples' extra (flax, matplotlib, tqdm): "
+            'pip install "optax_clip[examples]", or pip install -e ".[examples]" '
+            "from a clone."
         ),
     )
     defaults = Config()
@@ -438,11 +559,20 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--out",
         type=Path,
         default=Path("demo_output/optax_clip_demo.png"),
-        help="where to write the PNG (default: %(default)s)",
+        help=(
+            "where to write the figure: exactly this path, in the format its "
+            "suffix names (.png, .pdf, .svg, ...; PNG when it has none) "
+            "(default: %(default)s)"
+        ),
     )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.seeds < 1 or args.seq_len < 2:
         parser.error("--steps and --seeds must be >= 1, --seq-len >= 2")
+    _require_extras()  # after parsing: --help works without the extras
+    try:
+        figure_format(args.out)  # before training, not after it
+    except ValueError as err:
+        parser.error(f"--out: {err}")
     return args
 
 
@@ -455,9 +585,9 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     Returns:
       The results of every run, in the order they ran.
     """
+    args = _parse(argv)
     from tqdm import tqdm
 
-    args = _parse(argv)
     seeds = range(args.seed, args.seed + args.seeds)
     total = args.steps * len(args.methods) * len(seeds)
     results: list[RunResult] = []
@@ -502,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
         f"IRNN on the adding problem (T={cfg.seq_len}), clipper + Adam (lr "
         f"{cfg.learning_rate:g}, cosine decay), seed {args.seed}",
     )
-    print(f"Wrote {args.out.resolve()}")
+    print(f"Wrote {args.out.resolve()} ({figure_format(args.out).upper()})")
     return results
 
 

@@ -1,15 +1,81 @@
 """Tests of ``python -m optax_clip.demo`` (tiny settings) and its helpers."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from optax_clip import demo
 
-pytest.importorskip("flax")
-pytest.importorskip("matplotlib")
-pytest.importorskip("tqdm")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_demo_without(blocked, *args):
+    """``python -m optax_clip.demo ARGS`` in a process where ``blocked`` modules
+    cannot be imported (``sys.modules[name] = None``), as in an install without
+    the ``examples`` extra."""
+    code = (
+        "import runpy, sys\n"
+        f"for name in {tuple(blocked)!r}:\n"
+        "    sys.modules[name] = None\n"
+        "sys.argv = ['optax_clip.demo', *sys.argv[1:]]\n"
+        "runpy.run_module('optax_clip.demo', run_name='__main__', alter_sys=True)\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_help_works_without_the_examples_extra():
+    proc = run_demo_without(demo.EXTRAS, "--help")
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--steps", "--seeds", "--methods", "--out"):
+        assert flag in proc.stdout
+    assert 'pip install "optax_clip[examples]"' in " ".join(proc.stdout.split())
+
+
+@pytest.mark.parametrize("blocked", [("tqdm",), demo.EXTRAS], ids=["tqdm", "all"])
+def test_running_without_the_extra_names_the_module_and_the_fix(blocked, tmp_path):
+    # The check comes before any training (and before the figure is written).
+    out = tmp_path / "never.png"
+    proc = run_demo_without(blocked, "--steps", "1", "--out", str(out))
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    message = " ".join(proc.stderr.split())
+    assert message.startswith(
+        "python -m optax_clip.demo needs the 'examples' extra "
+        "(flax, matplotlib, tqdm): no module named "
+    )
+    for name in blocked:
+        assert repr(name) in message
+    assert 'pip install "optax_clip[examples]"' in message
+    assert 'from a clone of the repository, pip install -e ".[examples]"' in message
+    assert not out.exists()
+
+
+# Tests that train or draw need the extra installed.
+needs_extras = pytest.mark.skipif(
+    bool(demo.missing_extras()), reason="needs the examples extra"
+)
+
+
+@needs_extras
+def test_missing_extras_reports_what_does_not_import(monkeypatch):
+    assert demo.missing_extras() == []
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert demo.missing_extras() == ["tqdm"]
+    with pytest.raises(SystemExit, match=r"no module named 'tqdm'\. Install"):
+        demo.main(["--steps", "1"])
 
 
 def test_adding_problem_targets():
@@ -27,6 +93,7 @@ def test_adding_problem_targets():
     assert ((x[..., 0] >= 0) & (x[..., 0] < 1)).all()
 
 
+@needs_extras
 @pytest.mark.slow
 def test_demo_main(tmp_path, capsys):
     out = tmp_path / "sub" / "demo.png"
@@ -39,7 +106,7 @@ def test_demo_main(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 10_000
-    assert f"Wrote {out.resolve()}" in printed
+    assert f"Wrote {out.resolve()} (PNG)" in printed
     assert [r.method for r in results] == methods
     none, clipped = results
     for r in results:
@@ -75,6 +142,80 @@ def test_demo_help_and_bad_arguments(capsys):
     with pytest.raises(SystemExit) as exc:
         demo.main(["--steps", "0"])
     assert exc.value.code == 2
+
+
+def _curve(method, scale, seed=0, steps=100):
+    rng = np.random.default_rng(seed)
+    eval_steps = np.arange(10, steps + 1, 10)
+    return demo.RunResult(
+        method=method,
+        seed=0,
+        losses=np.exp(-scale * np.arange(steps) / steps),
+        grad_norms=np.exp(rng.normal(size=steps)),
+        clipped=None,
+        eval_steps=eval_steps,
+        eval_losses=np.exp(-scale * eval_steps / steps),
+        wall_time=1.0,
+    )
+
+
+def _lines_by_label(ax):
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+@needs_extras
+def test_coinciding_curves_stay_visible(tmp_path):
+    # zclip that never clips is exactly the run without clipping: both curves
+    # must show (they were drawn one over the other, the zclip one hidden).
+    runs = [_curve("none", 1.0, seed=1), _curve("clip_by_global_norm", 3.0)]
+    runs.append(_curve("zclip", 1.0, seed=1))
+    fig = demo.plot(runs, tmp_path / "fig.png", "title")
+    ax_loss, ax_norm = fig.axes
+    lines = _lines_by_label(ax_loss)
+    none, zclip = lines["none"], lines["zclip (same curve as none)"]
+    assert "clip_by_global_norm" in lines  # not identical: no note
+    np.testing.assert_array_equal(none.get_ydata(), zclip.get_ydata())
+    # The reference is a wide band underneath; the coinciding curve is drawn
+    # on top of it, narrower, with its own colour, dashes and markers.
+    assert none.get_linewidth() > 2 * zclip.get_linewidth()
+    assert none.get_zorder() < zclip.get_zorder()
+    assert zclip.get_marker() not in (None, "None", "")
+    looks = {
+        (line.get_color(), line.get_linestyle(), line.get_marker())
+        for line in lines.values()
+        if line.get_label() != "predicting the mean"
+    }
+    assert len(looks) == 3
+    # The gradient-norm panel's medians use the same looks.
+    medians = [line for line in ax_norm.get_lines() if line.get_alpha() != 0.25]
+    assert len(medians) == 3
+
+
+def test_every_method_has_a_distinct_look():
+    styles = demo._curve_styles(list(demo.METHODS))
+    looks = {(s["color"], s["ls"], s.get("marker")) for s in styles.values()}
+    assert len(looks) == len(demo.METHODS)
+
+
+@needs_extras
+@pytest.mark.parametrize(
+    "name, magic",
+    [("figure", b"\x89PNG"), ("figure.png", b"\x89PNG"), ("figure.svg", b"<?xml")],
+)
+def test_out_writes_exactly_the_path_given(tmp_path, name, magic):
+    out = tmp_path / "sub" / name
+    demo.plot([_curve("none", 1.0)], out, "title")
+    assert [p.name for p in out.parent.iterdir()] == [name]  # no "figure.png"
+    assert out.read_bytes().startswith(magic)
+
+
+@needs_extras
+def test_out_with_a_suffix_matplotlib_cannot_write_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--steps", "1", "--out", "results.txt"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "'.txt'" in err and ".png" in err
 
 
 def _result(method, seed, final, nonfinite=0):
