@@ -64,6 +64,7 @@ from benchmarks.run import (
     adamw,
     median_ms,
     paired_ratio,
+    skip_aware_adamw,
     time_interleaved,
     torch_version,
 )
@@ -207,6 +208,15 @@ def variants(names: list[str] | None = None) -> dict[str, tuple[Any, bool]]:
     clip_adamw = lambda: optax.chain(oc.clip_by_global_norm(MAX_NORM), adamw())  # noqa: E731
     out["skip_nonfinite"] = (oc.skip_nonfinite(clip_adamw()), True)
     out["skip_on_spike"] = (oc.skip_on_spike(clip_adamw(), window=8, sigma=6.0), True)
+    # The guards' fast path: optax_clip.adamw (optax's, computed from the kept state).
+    clip_oc_adamw = lambda: optax.chain(  # noqa: E731
+        oc.clip_by_global_norm(MAX_NORM), skip_aware_adamw()
+    )
+    out["skip_nonfinite [oc.adamw]"] = (oc.skip_nonfinite(clip_oc_adamw()), True)
+    out["skip_on_spike [oc.adamw]"] = (
+        oc.skip_on_spike(clip_oc_adamw(), window=8, sigma=6.0),
+        True,
+    )
     if names is not None:
         unknown = set(names) - set(out)
         if unknown:

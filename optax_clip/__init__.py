@@ -25,6 +25,7 @@ from optax_clip._guards import (
     skip_nonfinite,
     skip_on_spike,
 )
+from optax_clip._skippable import adam, adamw, scale_by_adam, sgd
 from optax_clip._static import (
     ClipByBlockNormState,
     ClipByGlobalNormState,
@@ -55,12 +56,16 @@ __all__ = (
     "SoftClipByGlobalNormState",
     "ZClipState",
     "adagc",
+    "adam",
+    "adamw",
     "adaptive_grad_clip",
     "autoclip",
     "clip_by_block_norm",
     "clip_by_global_norm",
     "clip_by_value",
     "get_stats",
+    "scale_by_adam",
+    "sgd",
     "skip_nonfinite",
     "skip_on_spike",
     "soft_clip_by_global_norm",

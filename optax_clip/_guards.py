@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_clip import _norms, _validation, _xla_cpu
+from optax_clip import _norms, _skippable, _validation, _xla_cpu
 from optax_clip._stats import count_if
 
 _F32 = jnp.float32
@@ -37,7 +37,12 @@ def _guarded_update(inner, skip, updates, inner_state, params, extra_args):
 
     The inner update always runs and its results are selected away on a
     skipped step (bit for bit the old state, exact zeros; NaNs in the
-    discarded values do not pass a select). A ``lax.cond`` would not run it,
+    discarded values do not pass a select). Skip-aware optimizers
+    (``_skippable``) see ``skip`` while the inner update is traced, keep their
+    own state and compute their update from it; their leaves are not selected
+    again. For any other optimizer, the update leaving the guard is computed
+    from the new state while the old one is selected back, so XLA copies the
+    donated state buffers first. A ``lax.cond`` would not run the update,
     but XLA then materializes the updates (no fusion with ``apply_updates``),
     copies the inner state out of the conditional and cannot share the
     wrapper's norm with an inner clip's identical one. Measured at 10M
@@ -66,12 +71,17 @@ def _guarded_update(inner, skip, updates, inner_state, params, extra_args):
 
     args = (updates, inner_state, params, extra_args)
     updates, inner_in, params, extra_args = jax.tree.map(no_grad_if_skipped, args)
-    out, new_state = inner.update(updates, inner_in, params, **extra_args)
+    with _skippable.guarding(skip) as guard:
+        out, new_state = inner.update(updates, inner_in, params, **extra_args)
 
     # A scalar predicate: a broadcast one would need each leaf's sharding.
     out = jax.tree.map(lambda u: _xla_cpu.select(skip, jnp.zeros_like(u), u), out)
+    # Leaves a skip-aware optimizer already kept (optax_clip.adamw, ...) are
+    # not selected again: that would bring back the copies it avoids.
     kept = jax.tree.map(
-        lambda n, o: _xla_cpu.select(skip, o, n), new_state, inner_state
+        lambda n, o: n if guard.is_kept(n) else _xla_cpu.select(skip, o, n),
+        new_state,
+        inner_state,
     )
     return out, kept
 
@@ -197,6 +207,13 @@ def skip_nonfinite(
     run that only produces bad steps. If a ``loss`` keyword argument is passed
     to ``update``, a non-finite loss skips the step too. Every extra keyword
     argument is forwarded to ``inner``.
+
+    **Cost.** With :func:`optax_clip.adamw`, :func:`optax_clip.adam` or
+    :func:`optax_clip.sgd` inside (optax's optimizers, whose update is
+    computed from the state the guard keeps) a guard costs about one select
+    per state buffer. Around any other optimizer it works the same, but XLA
+    copies the optimizer's state every step when the state is donated (the
+    ``docs/performance.md`` figures).
 
     Args:
       inner: the optimizer (or chain) to guard.
@@ -414,6 +431,13 @@ def skip_on_spike(
     skipped steps (as in OLMo-core and MaxText), so a lasting change of scale
     is accepted after a while instead of skipping forever. Extra keyword
     arguments (``loss`` included) are forwarded to ``inner``.
+
+    **Cost.** With :func:`optax_clip.adamw`, :func:`optax_clip.adam` or
+    :func:`optax_clip.sgd` inside (optax's optimizers, whose update is
+    computed from the state the guard keeps) a guard costs about one select
+    per state buffer. Around any other optimizer it works the same, but XLA
+    copies the optimizer's state every step when the state is donated (the
+    ``docs/performance.md`` figures).
 
     Defaults follow OLMo-core's ``SkipStepOptimizer`` and levanter's
     ``SkipStepConfig`` (window 128, 6 sigma); the one-sided test with
