@@ -214,3 +214,23 @@ def test_inside_multisteps_the_guard_still_keeps_the_state():
             seen.append(params)
         runs.append(seen)
     chex.assert_trees_all_equal(runs[0], runs[1])
+
+
+@pytest.mark.xla_cpu
+def test_the_guard_and_the_inner_clip_measure_the_gradients_once():
+    # The guard's norm and the inner clip's are the same computation on the
+    # same gradients: XLA computes it once (as many reductions as unguarded).
+    params = {f"w{i}": jnp.ones((64, 32)) for i in range(3)}
+
+    def reductions(tx):
+        def step(params, state, grads):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        hlo = jax.jit(step).lower(params, tx.init(params), params).compile()
+        return hlo.as_text().count(" reduce(")
+
+    inner = lambda: optax.chain(oc.clip_by_global_norm(1.0), oc.adamw(1e-3))  # noqa: E731
+    plain = reductions(inner())
+    assert plain > 0
+    assert reductions(oc.skip_nonfinite(inner())) == plain
