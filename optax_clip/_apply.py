@@ -312,18 +312,6 @@ def _bound_in(bound: jax.Array, dtype: Any, *, up: bool) -> jax.Array:
     return jnp.clip(r, -top, top)
 
 
-def gate(norm: jax.Array, skip: jax.Array, nonfinite: jax.Array) -> Applied:
-    """What a guard applied: a gate of scale 0 (skipped step) or 1."""
-    return Applied(
-        None,
-        norm,
-        jnp.where(skip, 0.0, norm),
-        jnp.where(skip, 0.0, 1.0),
-        skip & ~nonfinite,
-        nonfinite,
-    )
-
-
 def record(stats: ClipStats, applied: Applied, threshold: jax.Array) -> ClipStats:
     """The record step: new :class:`ClipStats` from what was applied."""
     return update_clip_stats(
