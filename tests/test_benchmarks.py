@@ -160,3 +160,15 @@ def test_train_step_variants_and_presets():
     small, large = train_step.GPT_PRESETS["small"], train_step.GPT_PRESETS["large"]
     assert 9e6 < train_step.n_params(small) < 12e6
     assert train_step.n_params(large) > 50e6 and train_step.n_leaves(large) > 300
+
+
+def test_compile_per_leaf_probe_runs(tmp_path):
+    from benchmarks import compile_per_leaf
+
+    out = tmp_path / "compile.md"
+    seconds = compile_per_leaf.main(
+        ["--leaves", "6", "--values", "600", "--out", str(out)]
+    )
+    assert set(seconds) == set(compile_per_leaf.programs([jax.numpy.ones(2)] * 6))
+    assert all(s > 0 for s in seconds.values())
+    assert "| optax_clip.clip_by_block_norm |" in out.read_text()
