@@ -210,7 +210,10 @@ def test_sharded_jit(n_devices, axis_type):
     tx = oc.clip_by_global_norm(1.0)
     out, state = jax.jit(tx.update)(tree, tx.init(tree))
     np.testing.assert_allclose(float(state.clip_stats.pre_clip_norm), want, rtol=1e-5)
-    np.testing.assert_allclose(float(_norms.global_norm(out)), 1.0, rtol=1e-5)
+    # Under jit: an eager op-by-op norm of arrays sharded over 8 simulated
+    # devices once aborted the process (SIGABRT inside XLA:CPU's dispatch).
+    post_norm = jax.jit(_norms.global_norm)(out)
+    np.testing.assert_allclose(float(post_norm), 1.0, rtol=1e-5)
     tx = oc.clip_by_block_norm(1.0)
     out, _ = jax.jit(tx.update)(tree, tx.init(tree))
     post = [reference.norm([x], 2.0) for x in jax.tree.leaves(out)]
