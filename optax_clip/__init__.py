@@ -28,10 +28,12 @@ from optax_clip._guards import (
 from optax_clip._skippable import adam, adamw, scale_by_adam, sgd
 from optax_clip._static import (
     ClipByBlockNormState,
+    ClipByBlockRMSState,
     ClipByGlobalNormState,
     ClipByValueState,
     SoftClipByGlobalNormState,
     clip_by_block_norm,
+    clip_by_block_rms,
     clip_by_global_norm,
     clip_by_value,
     soft_clip_by_global_norm,
@@ -46,6 +48,7 @@ __all__ = (
     "AdaptiveGradClipState",
     "AutoClipState",
     "ClipByBlockNormState",
+    "ClipByBlockRMSState",
     "ClipByGlobalNormState",
     "ClipByValueState",
     "ClipStats",
@@ -61,6 +64,7 @@ __all__ = (
     "adaptive_grad_clip",
     "autoclip",
     "clip_by_block_norm",
+    "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_value",
     "get_stats",

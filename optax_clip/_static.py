@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax import lax
 
-from optax_clip import _apply, _norms, _validation
+from optax_clip import _apply, _collectives, _norms, _validation
 from optax_clip._stats import ClipStats, init_clip_stats
 
 
@@ -199,6 +202,97 @@ def clip_by_block_norm(
         return _apply.apply_per_leaf(updates, norms, thresholds, policy, p), threshold
 
     return _fixed_threshold(ClipByBlockNormState, max_norm, step)
+
+
+class ClipByBlockRMSState(NamedTuple):
+    """State of :func:`clip_by_block_rms`.
+
+    Attributes:
+      clip_stats: :class:`optax_clip.ClipStats` of the last step; the norms are
+        global 2-norms (over all leaves), ``clip_threshold`` is ``max_rms`` and
+        ``clip_scale`` the smallest leaf scale.
+    """
+
+    clip_stats: ClipStats
+    _stats_name = "clip_by_block_rms"
+
+
+def _global_sizes(leaves: list[jax.Array], axes: tuple) -> list[int]:
+    """Each leaf's number of values across the mapped ``axes`` it is split over."""
+    sizes = []
+    for x, ax in zip(leaves, _collectives.leaf_axes(leaves, axes), strict=True):
+        sizes.append(x.size * math.prod(lax.axis_size(a) for a in ax))
+    return sizes
+
+
+def clip_by_block_rms(
+    max_rms: jax.typing.ArrayLike,
+    *,
+    nonfinite: _validation.NonFinitePolicy = "propagate",
+    axis_name: _validation.AxisName = None,
+) -> optax.GradientTransformation:
+    r"""Scales each leaf to a root-mean-square of at most ``max_rms``.
+
+    .. math::
+
+      g^{(l)} \leftarrow g^{(l)} \cdot
+      \min\left(1, \frac{c}{\mathrm{RMS}(g^{(l)})}\right), \quad
+      \mathrm{RMS}(g) = \frac{\lVert g \rVert_2}{\sqrt{n}}
+      \quad \text{for every leaf } l \text{ of } n \text{ values}
+
+    The same clip as :func:`optax.clip_by_block_rms` (Adafactor's update
+    clipping, when placed after the optimizer), for moving a chain over: it
+    gives the same updates where optax's are right, and differs where optax's
+    fail. Its norms are those of :func:`clip_by_block_norm` (float32
+    accumulation, no overflow: a float32 leaf holding 1e20 is clipped, where
+    optax's RMS overflows and returns zeros; no NaN at zero), it records
+    statistics, and it follows a non-finite policy. Each leaf is clipped by
+    norm against ``max_rms * sqrt(n)``; a bound beyond the float range means
+    the leaf cannot exceed it.
+
+    Non-finite policy: with ``"propagate"`` only a leaf whose own values hold
+    a NaN or Inf comes out as all NaN; with ``"zero_update"`` the whole update
+    becomes zeros.
+
+    Args:
+      max_rms: the largest root-mean-square allowed for each leaf (>= 0).
+      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+      axis_name: mapped axes over which leaves are sharded (see
+        :func:`clip_by_global_norm`); each leaf's RMS is then that of the
+        whole leaf.
+
+    Returns:
+      An :class:`optax.GradientTransformation` whose state is a
+      :class:`ClipByBlockRMSState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_clip
+      >>> tx = optax_clip.clip_by_block_rms(max_rms=1.0)
+      >>> grads = {"w": jnp.array([2.0, -2.0, 2.0, -2.0]), "b": jnp.array([0.5])}
+      >>> clipped, state = tx.update(grads, tx.init(grads))
+      >>> clipped["w"]  # RMS 2 -> 1
+      Array([ 1., -1.,  1., -1.], dtype=float32)
+      >>> clipped["b"]  # RMS 0.5: untouched
+      Array([0.5], dtype=float32)
+
+    References:
+      Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear
+      Memory Cost <https://arxiv.org/abs/1804.04235>`_, 2018 (update clipping by
+      RMS); :func:`optax.clip_by_block_rms`.
+    """
+    policy, axes = _validation.policy(nonfinite), _validation.axis_name(axis_name)
+    valid = _validation.nonnegative("max_rms", max_rms)
+
+    def step(updates):
+        norms = _norms.leaf_norms(updates, 2.0, axes)
+        threshold = _apply.threshold_array(max_rms, norms.dtype, valid)
+        leaves = _validation.float_leaves(updates)
+        root_n = np.sqrt(np.asarray(_global_sizes(leaves, axes), np.float64))
+        thresholds = threshold * root_n.astype(norms.dtype)
+        applied = _apply.apply_per_leaf(updates, norms, thresholds, policy, 2.0)
+        return applied, threshold
+
+    return _fixed_threshold(ClipByBlockRMSState, max_rms, step)
 
 
 class ClipByValueState(NamedTuple):

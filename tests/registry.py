@@ -81,6 +81,13 @@ CASES: list[Case] = [
         bound=_sqrt_leaves_bound(3),
     ),
     Case(
+        "clip_by_block_rms",
+        oc.clip_by_block_rms,
+        {"max_rms": 1.0},
+        threshold="max_rms",
+        bound=None,  # per leaf: max_rms * sqrt(leaf size)
+    ),
+    Case(
         "clip_by_value",
         oc.clip_by_value,
         {"max_delta": 1.0},

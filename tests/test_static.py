@@ -626,3 +626,72 @@ def test_property_mixed_dtype_trees_under_x64(tree, exp, p):
             assert out[k].dtype == tree[k].dtype, (name, k)
             assert np.all(np.isfinite(np.asarray(out[k], np.float64))), (name, k)
             _close(out[k], w, tree[k].dtype, all_f64)
+
+
+# clip_by_block_rms: optax's clip_by_block_rms, with our norms.
+
+
+def _rms_tree(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "w": jnp.asarray(3.0 * rng.standard_normal((16, 8)), jnp.float32),
+        "b": jnp.asarray(0.1 * rng.standard_normal(8), jnp.float32),
+        "s": jnp.asarray([5.0], jnp.float32),
+        "e": jnp.zeros((0,), jnp.float32),
+    }
+
+
+@pytest.mark.parametrize("max_rms", [0.0, 0.05, 1.0, 4.0, 1e30])
+def test_block_rms_matches_numpy_and_optax(max_rms):
+    tree = _rms_tree()
+    tx = oc.clip_by_block_rms(max_rms)
+    out, state = jax.jit(tx.update)(tree, tx.init(tree))
+    for name, x in tree.items():
+        x64 = np.asarray(x, np.float64)
+        rms = np.sqrt(np.mean(x64**2)) if x64.size else 0.0
+        want = x64 * (min(1.0, max_rms / rms) if rms > 0 else 1.0)
+        np.testing.assert_allclose(out[name], want, rtol=2e-6, atol=1e-30)
+    theirs, _ = optax.clip_by_block_rms(max_rms).update(tree, optax.EmptyState())
+    for name in ("w", "b", "s"):  # optax divides 0/0 on the empty leaf
+        np.testing.assert_allclose(out[name], theirs[name], rtol=2e-6)
+    s = state.clip_stats
+    assert float(s.clip_threshold) == np.float32(max_rms)
+    np.testing.assert_allclose(s.pre_clip_norm, reference.norm(list(tree.values()), 2))
+    assert int(s.is_clipped) == int(max_rms < 5.0)  # the leaf "s" has RMS 5
+
+
+def test_block_rms_overflow_is_clipped_where_optax_returns_zeros():
+    g = {"w": jnp.array([1e20, 1.0, 0.0, 0.0], jnp.float32)}
+    out, _ = oc.clip_by_block_rms(1.0).update(g, oc.clip_by_block_rms(1.0).init(g))
+    np.testing.assert_allclose(out["w"], [2.0, 2e-20, 0.0, 0.0], rtol=1e-6)
+    theirs, _ = optax.clip_by_block_rms(1.0).update(g, optax.EmptyState())
+    assert not np.any(np.asarray(theirs["w"]))
+
+
+def test_block_rms_of_a_sharded_leaf_is_the_whole_leafs(n_devices):
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((n_devices,), ("data",))
+    tree = {"w": _rms_tree()["w"], "b": _rms_tree()["b"]}
+    specs = {"w": P("data"), "b": P()}
+    tree = jax.tree.map(
+        lambda x, s: jax.device_put(x, jax.sharding.NamedSharding(mesh, s)),
+        tree,
+        specs,
+    )
+    want, _ = oc.clip_by_block_rms(1.0).update(
+        tree, oc.clip_by_block_rms(1.0).init(tree)
+    )
+    tx = oc.clip_by_block_rms(1.0, axis_name="data")
+    state = jax.device_put(tx.init(tree), jax.sharding.NamedSharding(mesh, P()))
+    step = jax.jit(
+        jax.shard_map(
+            tx.update,
+            mesh=mesh,
+            in_specs=(specs, P()),
+            out_specs=(specs, P()),
+        )
+    )
+    got, _ = step(tree, state)
+    for name in tree:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6)
