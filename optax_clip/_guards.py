@@ -18,6 +18,7 @@ guard.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, NamedTuple
 
 import jax
@@ -115,6 +116,19 @@ def _flag(x: jax.Array) -> jax.Array:
     return jnp.asarray(x, bool).astype(_I32)
 
 
+def _short_names(cls, **fields: tuple[str, str]):
+    """Adds read-only properties ``name -> field`` (the statistics' short names).
+
+    The state's fields carry a ``guard_`` prefix so that ``optax.tree.get``
+    never meets two fields of one name (an inner clip's ``ClipStats`` has
+    ``num_updates`` too); :func:`optax_clip.get_stats` reads the short names.
+    ``fields``: ``name=(field, docstring)``.
+    """
+    for name, (field, doc) in fields.items():
+        setattr(cls, name, property(operator.attrgetter(field), doc=doc))
+    return cls
+
+
 def _skip_counts(state, skip) -> dict[str, jax.Array]:
     """The counters both guards keep, after a step (``skip``: it was skipped)."""
     return {
@@ -162,30 +176,21 @@ class SkipNonfiniteState(NamedTuple):
         "skip_streak",
     )
 
-    @property
-    def grad_norm(self) -> jax.Array:
-        """``guard_grad_norm``."""
-        return self.guard_grad_norm
 
-    @property
-    def is_skipped(self) -> jax.Array:
-        """``guard_is_nonfinite``: a step is skipped when it is non-finite."""
-        return self.guard_is_nonfinite
-
-    @property
-    def is_nonfinite(self) -> jax.Array:
-        """``guard_is_nonfinite``."""
-        return self.guard_is_nonfinite
-
-    @property
-    def num_updates(self) -> jax.Array:
-        """``guard_num_updates``."""
-        return self.guard_num_updates
-
-    @property
-    def num_nonfinite(self) -> jax.Array:
-        """``skipped_steps``: every skipped step is a non-finite one."""
-        return self.skipped_steps
+_short_names(
+    SkipNonfiniteState,
+    grad_norm=("guard_grad_norm", "``guard_grad_norm``."),
+    is_skipped=(
+        "guard_is_nonfinite",
+        "``guard_is_nonfinite``: a step is skipped when it is non-finite.",
+    ),
+    is_nonfinite=("guard_is_nonfinite", "``guard_is_nonfinite``."),
+    num_updates=("guard_num_updates", "``guard_num_updates``."),
+    num_nonfinite=(
+        "skipped_steps",
+        "``skipped_steps``: every skipped step is a non-finite one.",
+    ),
+)
 
 
 def skip_nonfinite(
@@ -347,30 +352,15 @@ class SkipOnSpikeState(NamedTuple):
         "skip_streak",
     )
 
-    @property
-    def grad_norm(self) -> jax.Array:
-        """``guard_grad_norm``."""
-        return self.guard_grad_norm
 
-    @property
-    def is_skipped(self) -> jax.Array:
-        """``guard_is_skipped``."""
-        return self.guard_is_skipped
-
-    @property
-    def is_nonfinite(self) -> jax.Array:
-        """``guard_is_nonfinite``."""
-        return self.guard_is_nonfinite
-
-    @property
-    def num_updates(self) -> jax.Array:
-        """``guard_num_updates``."""
-        return self.guard_num_updates
-
-    @property
-    def num_nonfinite(self) -> jax.Array:
-        """``guard_num_nonfinite``."""
-        return self.guard_num_nonfinite
+_short_names(
+    SkipOnSpikeState,
+    grad_norm=("guard_grad_norm", "``guard_grad_norm``."),
+    is_skipped=("guard_is_skipped", "``guard_is_skipped``."),
+    is_nonfinite=("guard_is_nonfinite", "``guard_is_nonfinite``."),
+    num_updates=("guard_num_updates", "``guard_num_updates``."),
+    num_nonfinite=("guard_num_nonfinite", "``guard_num_nonfinite``."),
+)
 
 
 class _Outlier(NamedTuple):

@@ -17,9 +17,9 @@ states (checkpoints are interchangeable); inside one, a step that is not
 skipped is bit for bit the same as theirs.
 
 The protocol: while a guard runs its inner update it publishes its skip
-predicate (:func:`guarding`); :func:`keep` selects the state against it and
-tells every active guard which state leaves are already kept, so that the
-guard does not select them a second time. Leaves are matched by identity, so
+predicate (:func:`guarding`); :func:`keep` selects the state against it, and
+:func:`stored` tells every active guard which state leaves are already kept,
+so that the guard does not select them a second time. Leaves are matched by identity, so
 a state that passes through another transformation on its way out (a
 ``lax.cond`` in ``optax.MultiSteps``) is simply selected by the guard as usual:
 the fast path can only be missed, never be wrong.
