@@ -39,6 +39,14 @@ from optax_clip._static import (
     soft_clip_by_global_norm,
 )
 from optax_clip._stats import ClipStats, get_stats
+from optax_clip._update import (
+    ClipUpdateByHistoryState,
+    ClipUpdateByParamNormState,
+    StableAdamWState,
+    clip_update_by_history,
+    clip_update_by_param_norm,
+    stable_adamw,
+)
 from optax_clip._validation import NonFinitePolicy
 
 __version__ = "0.1.0"
@@ -52,11 +60,14 @@ __all__ = (
     "ClipByGlobalNormState",
     "ClipByValueState",
     "ClipStats",
+    "ClipUpdateByHistoryState",
+    "ClipUpdateByParamNormState",
     "MaxNormSuggestion",
     "NonFinitePolicy",
     "SkipNonfiniteState",
     "SkipOnSpikeState",
     "SoftClipByGlobalNormState",
+    "StableAdamWState",
     "ZClipState",
     "adagc",
     "adam",
@@ -67,12 +78,15 @@ __all__ = (
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_value",
+    "clip_update_by_history",
+    "clip_update_by_param_norm",
     "get_stats",
     "scale_by_adam",
     "sgd",
     "skip_nonfinite",
     "skip_on_spike",
     "soft_clip_by_global_norm",
+    "stable_adamw",
     "suggest_max_norm",
     "zclip",
 )

@@ -110,6 +110,47 @@ def update_clip_stats(
 
 
 # --------------------------------------------------------------------------
+# Windows of recent values (ring buffers of fixed shape)
+# --------------------------------------------------------------------------
+
+
+def window_push(values: jax.Array, pos: jax.Array, length: jax.Array, x, keep):
+    """A ring buffer with ``x`` written at ``pos`` where ``keep``, else unchanged.
+
+    ``values`` has a fixed length (the window); ``pos`` is the slot the next
+    value goes to and ``length`` the number of values held (at most the
+    window), so the first ``length`` slots are the meaningful ones. Returns
+    ``(values, pos, length)`` with the dtypes they came in.
+    """
+    size = values.shape[0]
+    keep = jnp.asarray(keep, bool)
+    pushed = values.at[pos].set(jnp.asarray(x).astype(values.dtype))
+    return (
+        jnp.where(keep, pushed, values),
+        jnp.where(keep, (pos + 1) % size, pos).astype(pos.dtype),
+        jnp.where(keep, jnp.minimum(length + 1, size), length).astype(length.dtype),
+    )
+
+
+def window_moments(values: jax.Array, length: jax.Array, ddof: int = 0):
+    """Mean and standard deviation of the first ``length`` values of a window.
+
+    ``ddof=0``: the population deviation; ``ddof=1``: Bessel-corrected. 0 and
+    0 for an empty window. Computed relative to the largest magnitude, so that
+    values near the float range do not overflow when squared.
+    """
+    valid = jnp.arange(values.shape[0]) < length
+    v = jnp.where(valid, values, 0)
+    top = jnp.max(jnp.abs(v))
+    unit = jnp.where(top > 0, top, 1)
+    k = jnp.maximum(length, 1).astype(values.dtype)
+    mean = jnp.sum(v / unit) / k
+    dev = jnp.where(valid, v / unit - mean, 0)
+    var = jnp.sum(dev * dev) / jnp.maximum(k - ddof, 1)
+    return mean * unit, jnp.sqrt(var) * unit
+
+
+# --------------------------------------------------------------------------
 # get_stats
 # --------------------------------------------------------------------------
 
