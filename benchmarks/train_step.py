@@ -25,6 +25,8 @@ variant and hide the clip. The variants differ only in ``tx``:
 * ``chain(T, adamw)`` for every public optax_clip transform ``T`` (the
   arguments of tests/registry.py; ``adagc`` without warm-up, so that its
   per-tensor phase is timed);
+* the update clips after adamw (``chain(adamw, T)``), and ``stable_adamw``
+  in its place;
 * both guards around ``chain(optax_clip.clip_by_global_norm(1.0), adamw)``,
   given the loss (``update(..., loss=loss)``).
 
@@ -206,6 +208,16 @@ def variants(names: list[str] | None = None) -> dict[str, tuple[Any, bool]]:
         ),
     }
     out.update({k: (optax.chain(make(), adamw()), False) for k, make in ours.items()})
+    # Update clips sit after the optimizer; stable_adamw is adamw's replacement.
+    out["clip_update_by_history"] = (
+        optax.chain(adamw(), oc.clip_update_by_history(16)),
+        False,
+    )
+    out["clip_update_by_param_norm"] = (
+        optax.chain(adamw(), oc.clip_update_by_param_norm(100.0)),
+        False,
+    )
+    out["stable_adamw"] = (oc.stable_adamw(1e-3, weight_decay=1e-4), False)
     clip_adamw = lambda: optax.chain(oc.clip_by_global_norm(MAX_NORM), adamw())  # noqa: E731
     out["skip_nonfinite"] = (oc.skip_nonfinite(clip_adamw()), True)
     out["skip_on_spike"] = (oc.skip_on_spike(clip_adamw(), window=8, sigma=6.0), True)
