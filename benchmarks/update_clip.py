@@ -138,7 +138,8 @@ def cost(rounds: int, steps: int) -> str:
             return optax.apply_updates(p, u), s
 
         fn = jax.jit(step, donate_argnums=(0, 1))
-        p, s = jax.tree.map(jnp.copy, params), tx.init(params)
+        # Copied: an init may share one buffer between fields (not donatable).
+        p, s = jax.tree.map(jnp.copy, (params, tx.init(params)))
         p, s = fn(p, s, grads)  # compile
         jax.block_until_ready(p)
         runs[name] = [fn, p, s]
