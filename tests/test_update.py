@@ -142,12 +142,18 @@ def _leaves(seed=0):
     return params, updates
 
 
+@jax.jit
+def _param_norm_step(ratio, updates, params):
+    # The ratio traced: one compilation serves every ratio.
+    tx = oc.clip_update_by_param_norm(ratio, 1e-3)
+    return tx.update(updates, tx.init(params), params)
+
+
 @pytest.mark.parametrize("ratio", [0.0, 0.01, 0.1, math.inf])
 def test_param_norm_matches_numpy(ratio):
     params, updates = _leaves()
     eps = 1e-3
-    tx = oc.clip_update_by_param_norm(ratio, eps)
-    out, state = jax.jit(tx.update)(updates, tx.init(params), params)
+    out, state = _param_norm_step(jnp.float32(ratio), updates, params)
     limits, clipped = [], 0
     for k in params:
         u = np.asarray(updates[k], np.float64)
@@ -248,23 +254,27 @@ def _adam_problem(steps=8, spike_at=5):
     return params, grads
 
 
+def _stable(max_rms):
+    return oc.stable_adamw(
+        0.01, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1, max_rms=max_rms
+    )
+
+
+@jax.jit
+def _stable_step(max_rms, p, s, g):
+    # max_rms traced: one compilation serves every value.
+    u, s = _stable(max_rms).update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+
 @pytest.mark.parametrize("max_rms", [1.0, 0.5])
 def test_stable_adamw_matches_numpy_paper_algorithm(max_rms):
     params, grads = _adam_problem()
     hp = {"lr": 0.01, "b1": 0.9, "b2": 0.99, "eps": 1e-8, "wd": 0.1, "d": max_rms}
     want, rms_seen = np_stable_adamw(params, grads, **hp)
-    tx = oc.stable_adamw(
-        0.01, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1, max_rms=max_rms
-    )
-
-    @jax.jit
-    def step(p, s, g):
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    p, s = params, tx.init(params)
+    p, s = params, _stable(max_rms).init(params)
     for t, g in enumerate(grads):
-        p, s = step(p, s, g)
+        p, s = _stable_step(jnp.float32(max_rms), p, s, g)
         for k in p:
             np.testing.assert_allclose(p[k], want[t][k], rtol=1e-5, atol=1e-6)
         top = max(rms_seen[t].values())
@@ -349,7 +359,7 @@ def test_stable_adamw_of_sharded_leaves_matches_unsharded(n_devices):
     specs = {"w": P("data"), "b": P()}
     # max_rms 0.5: the first step's RMS (at most 1) is clipped.
     tx = oc.stable_adamw(0.1, max_rms=0.5)
-    want, _ = tx.update(grads, tx.init(params), params)
+    want, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     stx = oc.stable_adamw(0.1, max_rms=0.5, axis_name="data")
     state = stx.init(params)
     state_specs = jax.tree.map(
