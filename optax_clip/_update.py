@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_clip import _apply, _norms, _skippable, _validation
+from optax_clip import _apply, _collectives, _norms, _skippable, _validation
 from optax_clip._static import _global_sizes
 from optax_clip._stats import (
     ClipStats,
@@ -423,6 +423,21 @@ def _moment_ratio(g: jax.Array, v_hat: jax.Array, eps) -> jax.Array:
     return g.astype(acc) / jnp.where(big, den, jnp.asarray(eps, acc))
 
 
+def _ratio_norms(ratios: list[jax.Array], axes: tuple, dtype: Any) -> jax.Array:
+    """The 2-norm of each ratio leaf, as one vector, by plain float32 sums.
+
+    No rescaling pass is needed: ``v_hat`` holds ``g^2 (1 - b2) / (1 - b2^t)``
+    at least, so every squared ratio is at most ``1 / (1 - b2)`` (1000 for
+    ``b2 = 0.999``) and a leaf's sum cannot overflow; the sums then fuse into
+    Adam's own pass over the moments.
+    """
+    if not ratios:
+        return jnp.zeros((0,), dtype)
+    sums = [jnp.sum(jnp.square(r), dtype=dtype).reshape(1) for r in ratios]
+    sums = _collectives.combine(sums, _collectives.leaf_axes(ratios, axes), "sum")
+    return _norms.safe_root(sums, 2.0)
+
+
 def stable_adamw(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -543,18 +558,18 @@ def stable_adamw(
             for g, v in zip(g_leaves, jax.tree.leaves(nu_hat), strict=True)
         ]
         n = len(g_leaves)
-        norms = _norms.leaf_norms((ratios, jax.tree.leaves(out)), 2.0, axes)
-        r_norms, u_norms = norms[:n], norms[n:]
+        u_norms = _norms.leaf_norms(out, 2.0, axes)
+        r_norms = _ratio_norms(ratios, axes, u_norms.dtype)
         root_n = np.sqrt(np.asarray(_global_sizes(g_leaves, axes), np.float64))
-        root_n = jnp.asarray(root_n.astype(np.dtype(norms.dtype)))
-        d = _apply.threshold_array(max_rms, norms.dtype, valid)
+        root_n = jnp.asarray(root_n.astype(np.dtype(u_norms.dtype)))
+        d = _apply.threshold_array(max_rms, u_norms.dtype, valid)
         # max(1, RMS / d) through the shared clip: RMS = |r| / sqrt(n).
         applied = _apply.apply_per_leaf(
             out, r_norms, d * root_n, policy, 2.0, reported=u_norms
         )
         clipped = ~(r_norms <= d * root_n) & jnp.isfinite(r_norms)
         rms = r_norms / jnp.where(root_n > 0, root_n, 1)
-        top = jnp.max(rms) if n else jnp.zeros((), norms.dtype)
+        top = jnp.max(rms) if n else jnp.zeros((), u_norms.dtype)
         stats = _apply.record(state.clip_stats, applied, d)
         return applied.updates, StableAdamWState(
             clip_stats=stats,

@@ -305,8 +305,18 @@ def test_stable_adamw_zero_gradients_threshold_zero_and_traced_hyperparams():
     params, grads = _adam_problem(steps=2)
     zeros = jax.tree.map(jnp.zeros_like, params)
     tx = oc.stable_adamw(0.1, weight_decay=0.0)
-    out, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+    update = jax.jit(tx.update)
+    out, _ = update(zeros, tx.init(params), params)
     chex.assert_trees_all_equal(out, zeros)  # zeros, never NaN
+    # A gradient whose square overflows float32: v is inf there, as in optax;
+    # the ratio is 0, never NaN, and the step is AdamW's.
+    huge = dict(grads[0], w=grads[0]["w"].at[0, 0].set(1e30))
+    out, state = update(huge, tx.init(params), params)
+    ref, _ = optax.adamw(0.1, weight_decay=0.0).update(
+        huge, optax.adamw(0.1, weight_decay=0.0).init(params), params
+    )
+    chex.assert_trees_all_close(out, ref, rtol=1e-6)
+    assert int(state.clip_stats.is_nonfinite) == 0
     tx = optax.inject_hyperparams(oc.stable_adamw)(learning_rate=0.1, max_rms=1.0)
     update, state = jax.jit(tx.update), tx.init(params)
     _, state = update(grads[0], state, params)
