@@ -104,7 +104,7 @@ def outcome(steps: int, seeds: tuple[int, ...]):
 def _tree(seed: int = 0) -> dict:
     """A small transformer-like tree: matrices, vectors, a frozen zero leaf."""
     rng = np.random.default_rng(seed)
-    shapes = [(512, 128), (128, 512), (128,), (512,), (128, 128), (64, 128)] * 4
+    shapes = [(1024, 512), (512, 1024), (512,), (1024,), (512, 512), (64, 512)] * 4
     tree = {
         f"p{i}": jnp.asarray(0.05 * rng.standard_normal(s), jnp.float32)
         for i, s in enumerate(shapes)
@@ -119,6 +119,13 @@ def cost(rounds: int, steps: int) -> str:
         "adamw": adamw(),
         "chain(clip_by_global_norm, adamw)": optax.chain(
             oc.clip_by_global_norm(1.0), adamw()
+        ),
+        # Any clip after the optimizer, for reference (optax's and ours).
+        "chain(adamw, optax.clip_by_global_norm)": optax.chain(
+            adamw(), optax.clip_by_global_norm(1.0)
+        ),
+        "chain(adamw, clip_by_global_norm)": optax.chain(
+            adamw(), oc.clip_by_global_norm(1.0)
         ),
         "chain(adamw, clip_update_by_history)": optax.chain(
             adamw(), oc.clip_update_by_history(16)
@@ -175,7 +182,7 @@ def main() -> None:
     parser.add_argument("--cost", action="store_true")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
     start = time.perf_counter()
     if args.cost:
