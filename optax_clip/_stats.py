@@ -390,6 +390,21 @@ def get_stats(
     * ``adaptive_grad_clip``: ``clipped_units`` (units clipped on the last
       step, int32).
 
+    Update clips (after the optimizer) add:
+
+    * ``clip_update_by_history``: ``update_window_len`` (update norms in the
+      window, int32), ``update_norm_mean`` and ``update_norm_std`` (the
+      window's mean and population standard deviation the last step was
+      measured against, float32); its ``clip_threshold`` is their mean plus
+      ``sigma`` deviations (``max_norm`` until the window holds
+      ``min_history`` norms).
+    * ``clip_update_by_param_norm``: ``param_clipped_tensors`` (leaves
+      clipped on the last step, int32).
+    * ``stable_adamw``: ``moment_clipped_tensors`` (tensors whose step was
+      scaled down on the last step, int32) and ``max_moment_rms`` (the
+      largest RMS of ``g / sqrt(v)`` over the tensors, float32); its norms
+      are those of AdamW's update, its ``clip_threshold`` is ``max_rms``.
+
     The guards (``skip_nonfinite``, ``skip_on_spike``) skip steps rather
     than clip them, and report:
 

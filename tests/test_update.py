@@ -18,6 +18,7 @@ import pytest
 import reference
 
 import optax_clip as oc
+from optax_clip import _stats
 
 # ---------------------------------------------------------------------------
 # clip_update_by_history
@@ -329,6 +330,20 @@ def test_stable_adamw_zero_gradients_threshold_zero_and_traced_hyperparams():
     assert int(stats["stable_adamw/moment_clipped_tensors"]) == 2  # not "z"
     with pytest.raises(ValueError):
         oc.stable_adamw(0.1, max_rms=-1.0)
+
+
+def test_stable_adamw_reports_its_documented_keys():
+    params, grads = _adam_problem(steps=1)
+    tx = oc.stable_adamw(0.1)
+    _, state = jax.jit(tx.update)(grads[0], tx.init(params), params)
+    stats = oc.get_stats(state)
+    keys = _stats.stats_keys(oc.StableAdamWState)
+    assert {k.split("/", 1)[1] for k in stats} == set(keys)
+    for key in keys:
+        assert f"``{key}``" in oc.get_stats.__doc__, key
+    # Its field names are distinct from optax's and each other (optax.tree.get).
+    for name in ("clip_stats", "adam_state", "moment_clipped_tensors", "nu"):
+        optax.tree.get(state, name)
 
 
 def test_stable_adamw_under_skip_nonfinite_keeps_the_moments():
