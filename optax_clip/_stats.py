@@ -403,7 +403,8 @@ def get_stats(
     * ``stable_adamw``: ``moment_clipped_tensors`` (tensors whose step was
       scaled down on the last step, int32) and ``max_moment_rms`` (the
       largest RMS of ``g / sqrt(v)`` over the tensors, float32); its norms
-      are those of AdamW's update, its ``clip_threshold`` is ``max_rms``.
+      are those of Adam's direction (before weight decay and learning rate),
+      its ``clip_threshold`` is ``max_rms``.
 
     The guards (``skip_nonfinite``, ``skip_on_spike``) skip steps rather
     than clip them, and report:

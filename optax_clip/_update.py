@@ -387,13 +387,13 @@ class StableAdamWState(NamedTuple):
 
     Attributes:
       clip_stats: :class:`optax_clip.ClipStats` of the last step; the norms
-        are the global 2-norms of AdamW's update before and after the clip,
+        are the global 2-norms of Adam's direction
+        :math:`\hat m / (\sqrt{\hat v} + \epsilon)` before and after the clip,
         ``clip_scale`` is the smallest tensor's factor
         :math:`1 / \max(1, \mathrm{RMS}_t / d)` and ``clip_threshold`` is
         :math:`d` (``max_rms``).
-      adam_state: the state of :func:`optax_clip.adamw` (that of
-        :func:`optax.adamw`: ``(ScaleByAdamState, ..., ...)``), so that a
-        checkpoint of one loads into the other.
+      adam_state: the state of :func:`optax.adamw` (``(ScaleByAdamState,
+        ..., ...)``), so that a checkpoint of one loads into the other.
       moment_clipped_tensors: number of tensors whose step was scaled down on
         the last step (int32).
       max_moment_rms: the largest :math:`\mathrm{RMS}(g / \sqrt{\hat v})`
@@ -463,10 +463,12 @@ def stable_adamw(
         \frac{g_{t,i}^2}{\max(\hat v_{t,i}, \epsilon^2)}}, \qquad
       \eta_t = \frac{\alpha_t}{\max(1, \mathrm{RMS}_t / d)}
 
-    and the tensor moves by :math:`-\eta_t \big(\hat m_t / (\sqrt{\hat v_t} +
-    \epsilon) + \lambda \theta_{t-1}\big)`: :func:`optax.adamw`'s step with the
-    learning rate of that tensor divided by :math:`\max(1, \mathrm{RMS}_t /
-    d)`, weight decay included, as in the paper's Algorithm 2. A tensor
+    and the tensor moves by :math:`-\eta_t \hat m_t / (\sqrt{\hat v_t} +
+    \epsilon) - \alpha_t \lambda \theta_{t-1}`: :func:`optax.adamw`'s step
+    with the learning rate of Adam's direction divided by :math:`\max(1,
+    \mathrm{RMS}_t / d)`, and the weight decay at the full learning rate, as
+    in the authors' reference implementation (Wortsman's
+    ``StableAdamWUnfused`` gist). A tensor
     whose gradient is large against its history (:math:`\hat v` still small
     for it, e.g. after a spike or for a rarely-used embedding row) takes a
     smaller step; in steady state :math:`\mathrm{RMS}_t \approx 1` and
@@ -478,12 +480,13 @@ def stable_adamw(
 
     **Why an optimizer and not a transform to chain.** The clip needs the
     gradient and Adam's second moment, which a transform after
-    ``optax.adamw`` cannot see (it receives only the update), and it scales
-    the weight-decay term too, which a change inside ``scale_by_adam`` could
-    not reach. So this wraps :func:`optax_clip.adamw` (optax's AdamW, with
-    the same state) and reads the moment it already keeps: no second copy of
-    :math:`v`, the state of :func:`optax.adamw` (``adam_state``: checkpoints
-    move between the two), and under :func:`optax_clip.skip_nonfinite` or
+    ``optax.adamw`` cannot see (it receives only the update, weight decay
+    already added). So this is :func:`optax_clip.adamw`'s chain
+    (``scale_by_adam``, ``add_decayed_weights``, ``scale_by_learning_rate``)
+    with the clip between the first two, reading the moment
+    ``scale_by_adam`` already keeps: no second copy of :math:`v`, the state
+    of :func:`optax.adamw` (``adam_state``: checkpoints move between the
+    two), and under :func:`optax_clip.skip_nonfinite` or
     :func:`optax_clip.skip_on_spike` a skipped step costs no copy of the
     moments. It is a drop-in for ``optax.adamw``: same arguments and
     defaults (the paper uses ``b2=0.99``, and ``eps=1e-6`` in later code),
@@ -530,28 +533,32 @@ def stable_adamw(
     References:
       Wortsman et al., `Stable and low-precision training for large-scale
       vision-language models <https://arxiv.org/abs/2304.13013>`_, 2023
-      (StableAdamW, Algorithm 2); Shazeer and Stern, `Adafactor
+      (StableAdamW), and its reference implementation, ``StableAdamWUnfused``
+      (gist.github.com/mitchellnw/d42e22a0b9ec02ceaf4f7b4457f51423); Shazeer
+      and Stern, `Adafactor
       <https://arxiv.org/abs/1804.04235>`_, 2018 (update clipping).
     """
     valid = _validation.nonnegative("max_rms", max_rms)
     policy = _validation.policy(nonfinite)
     axes = _validation.axis_name(axis_name)
-    inner = _skippable.adamw(
-        learning_rate, b1, b2, eps, 0.0, mu_dtype, weight_decay, mask
-    )
+    # optax.adamw's chain, taken apart so that the clip sits after Adam.
+    adam = _skippable.scale_by_adam(b1, b2, eps, 0.0, mu_dtype)
+    decay = optax.add_decayed_weights(weight_decay, mask)
+    rate = optax.scale_by_learning_rate(learning_rate)
 
     def init_fn(params):
         return StableAdamWState(
             clip_stats=init_clip_stats(max_rms),
-            adam_state=inner.init(params),
+            adam_state=(adam.init(params), decay.init(params), rate.init(params)),
             moment_clipped_tensors=jnp.zeros((), _I32),
             max_moment_rms=jnp.zeros((), _F32),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         g_leaves = _validation.float_leaves(updates)
-        out, adam_state = inner.update(updates, state.adam_state, params, **extra_args)
-        moments = adam_state[0]  # the ScaleByAdamState of optax.adamw's chain
+        del extra_args  # optax.adamw takes none
+        s_adam, s_decay, s_rate = state.adam_state
+        out, moments = adam.update(updates, s_adam, params)
         nu_hat = optax.tree.bias_correction(moments.nu, b2, moments.count)
         ratios = [
             _moment_ratio(g, v, eps)
@@ -571,9 +578,11 @@ def stable_adamw(
         rms = r_norms / jnp.where(root_n > 0, root_n, 1)
         top = jnp.max(rms) if n else jnp.zeros((), u_norms.dtype)
         stats = _apply.record(state.clip_stats, applied, d)
-        return applied.updates, StableAdamWState(
+        steps, s_decay = decay.update(applied.updates, s_decay, params)
+        steps, s_rate = rate.update(steps, s_rate, params)
+        return steps, StableAdamWState(
             clip_stats=stats,
-            adam_state=adam_state,
+            adam_state=(moments, s_decay, s_rate),
             moment_clipped_tensors=jnp.sum(clipped, dtype=_I32),
             max_moment_rms=top.astype(_F32),
         )

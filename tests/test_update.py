@@ -2,9 +2,9 @@
 
 ``clip_update_by_history`` against levanter's rule written in NumPy,
 ``clip_update_by_param_norm`` against per-leaf norms in float64, and
-``stable_adamw`` against StableAdamW (Wortsman et al. 2023, Algorithm 2, with
-the bias correction folded into the decays as the paper writes it) over
-several steps with a spike.
+``stable_adamw`` against StableAdamW (Wortsman et al. 2023, as the authors'
+``StableAdamWUnfused`` gist computes it, with the bias correction folded into
+the decays) over several steps with a spike.
 """
 
 import math
@@ -216,7 +216,7 @@ def test_param_norm_nonfinite_parameter_and_bad_params():
 
 
 def np_stable_adamw(params, grads, lr, b1, b2, eps, wd, d):
-    """StableAdamW (Algorithm 2) in float64; returns parameters and RMS per step."""
+    """StableAdamW (the authors' gist) in float64: parameters and RMS per step."""
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     m = {k: np.zeros_like(v) for k, v in p.items()}
     v = {k: np.zeros_like(x) for k, x in p.items()}
@@ -231,7 +231,8 @@ def np_stable_adamw(params, grads, lr, b1, b2, eps, wd, d):
             v[k] = b2h * v[k] + (1 - b2h) * gk * gk
             rms = np.sqrt(np.mean(gk * gk / np.maximum(v[k], eps**2)))
             lr_t = lr / max(1.0, rms / d)
-            p[k] = p[k] * (1 - lr_t * wd) - lr_t * m[k] / (np.sqrt(v[k]) + eps)
+            # The gist: weight decay at the full learning rate.
+            p[k] = p[k] * (1 - lr * wd) - lr_t * m[k] / (np.sqrt(v[k]) + eps)
             rms_t[k] = rms
         trajectory.append({k: x.copy() for k, x in p.items()})
         rms_seen.append(rms_t)
@@ -318,12 +319,16 @@ def test_stable_adamw_zero_gradients_threshold_zero_and_traced_hyperparams():
     )
     chex.assert_trees_all_close(out, ref, rtol=1e-6)
     assert int(state.clip_stats.is_nonfinite) == 0
-    tx = optax.inject_hyperparams(oc.stable_adamw)(learning_rate=0.1, max_rms=1.0)
+    tx = optax.inject_hyperparams(oc.stable_adamw)(
+        learning_rate=0.1, weight_decay=0.0, max_rms=1.0
+    )
     update, state = jax.jit(tx.update), tx.init(params)
     _, state = update(grads[0], state, params)
     state.hyperparams["max_rms"] = jnp.asarray(0.0, jnp.float32)
     out, state = update(grads[1], state, params)
-    chex.assert_trees_all_equal(out, zeros)  # max_rms = 0: no step at all
+    # max_rms = 0: no step along Adam's direction (the weight decay, 0 here,
+    # would remain).
+    chex.assert_trees_all_equal(out, zeros)
     chex.assert_tree_all_finite(out)
     assert update._cache_size() == 1
     stats = oc.get_stats(state)
@@ -407,7 +412,7 @@ def test_stable_adamw_of_sharded_leaves_matches_unsharded(n_devices):
     got, state = step(put(grads, specs), put(state, state_specs), put(params, specs))
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
-    # Shard-local RMS (1 or 0 for w instead of sqrt(14/16)) would scale the
-    # shards differently (weight decay moves the zero-gradient rows too).
+    # Shard-local RMS (1 for the shards with a gradient instead of sqrt(14/16)
+    # for the whole of w) would scale them by 0.5 instead of 0.53.
     np.testing.assert_allclose(state.max_moment_rms, 1.0, rtol=1e-5)  # b's
     assert int(state.moment_clipped_tensors) == 2
