@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_clip import _apply, _norms, _validation
+from optax_clip import _apply, _fail_fast, _norms, _validation
 from optax_clip._stats import ClipStats, count_if, init_clip_stats
 
 _F32 = jnp.float32
@@ -175,7 +175,8 @@ def autoclip(
         :func:`optax.inject_hyperparams`, list it in ``static_args``).
       max_norm: optional upper bound on the threshold (default ``inf``).
       norm_type: ``"l2"`` (default), ``"l1"`` or ``"inf"``.
-      nonfinite: ``"propagate"`` (default) or ``"zero_update"``; see
+      nonfinite: ``"propagate"`` (default), ``"zero_update"``
+        or ``"raise"``; see
         :func:`optax_clip.clip_by_global_norm`.
       axis_name: mapped axes over which the update is sharded (see
         :func:`optax_clip.clip_by_global_norm`).
@@ -232,7 +233,8 @@ def autoclip(
         applied = _apply.apply_global(updates, norm, threshold, policy)
         return _recorded(applied, next_state, state, level, valid, finite)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return _fail_fast.wrap(tx, policy, "autoclip")
 
 
 # --------------------------------------------------------------------------
@@ -418,7 +420,8 @@ def zclip(
         reference suggests 0.3 to 0.7 for more aggressive clipping).
       eps: added to :math:`\sigma` in the z-score (>= 0).
       freeze_ema_on_spike: do not update the EMAs on spikes.
-      nonfinite: ``"propagate"`` (default) or ``"zero_update"``; see
+      nonfinite: ``"propagate"`` (default), ``"zero_update"``
+        or ``"raise"``; see
         :func:`optax_clip.clip_by_global_norm`.
       axis_name: mapped axes over which the update is sharded (see
         :func:`optax_clip.clip_by_global_norm`).
@@ -488,7 +491,8 @@ def zclip(
         )
         return _recorded(applied, next_state, state, level, valid, finite)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return _fail_fast.wrap(tx, policy, "zclip")
 
 
 # --------------------------------------------------------------------------
@@ -640,7 +644,8 @@ def adagc(
       beta: EMA factor :math:`\beta`, in ``[0, 1)`` (default 0.99).
       warmup_steps: number of warm-up steps (an integer >= 0; default 100).
         May be traced by :func:`optax.inject_hyperparams`.
-      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+      nonfinite: ``"propagate"`` (default), ``"zero_update"``
+        or ``"raise"``.
       axis_name: mapped axes over which leaves are sharded; each tensor's norm
         is then its global norm (see :func:`optax_clip.clip_by_block_norm`).
 
@@ -712,7 +717,8 @@ def adagc(
         applied = _apply.apply_per_leaf(updates, norms, thresholds, policy, 2.0)
         return _recorded(applied, next_state, state, level, valid, finite)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return _fail_fast.wrap(tx, policy, "adagc")
 
 
 # --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_clip import _apply, _norms, _validation
+from optax_clip import _apply, _fail_fast, _norms, _validation
 from optax_clip._stats import ClipStats, init_clip_stats
 
 _F32 = jnp.float32
@@ -136,7 +136,8 @@ def adaptive_grad_clip(
         zero-initialised parameters can move (>= 0; default 1e-3).
       axis: axis or axes one unit's norm is taken over, for every leaf (a
         static argument; default: the conventions above).
-      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+      nonfinite: ``"propagate"`` (default), ``"zero_update"``
+        or ``"raise"``.
 
     Returns:
       An :class:`optax.GradientTransformation` whose state is an
@@ -212,4 +213,5 @@ def adaptive_grad_clip(
         stats = _apply.record(state.clip_stats, applied, shown)
         return applied.updates, AdaptiveGradClipState(stats, clipped)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return _fail_fast.wrap(tx, policy, "adaptive_grad_clip")
