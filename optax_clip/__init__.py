@@ -25,6 +25,10 @@ from optax_clip._guards import (
     skip_nonfinite,
     skip_on_spike,
 )
+from optax_clip._per_example import (
+    per_example_global_norm_clip,
+    per_example_layer_norm_clip,
+)
 from optax_clip._skippable import adam, adamw, scale_by_adam, sgd
 from optax_clip._static import (
     ClipByBlockNormState,
@@ -68,6 +72,8 @@ __all__ = (
     "clip_by_global_norm",
     "clip_by_value",
     "get_stats",
+    "per_example_global_norm_clip",
+    "per_example_layer_norm_clip",
     "scale_by_adam",
     "sgd",
     "skip_nonfinite",

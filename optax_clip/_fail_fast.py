@@ -48,7 +48,7 @@ def message(name: str, paths: list[str], flags: np.ndarray) -> str:
     )
 
 
-def _check(name: str, updates: Any, bad: jax.Array) -> None:
+def check(name: str, updates: Any, bad: jax.Array) -> None:
     """Raises (through a host callback) when ``bad``, naming the bad leaves."""
     with_path = jax.tree_util.tree_flatten_with_path(updates)[0]
     if not with_path:
@@ -87,7 +87,7 @@ def wrap(
         out, new_state = tx.update(updates, state, params)
         bad = new_state.clip_stats.is_nonfinite > 0
         skip = _skippable.active_skip()  # inside a guard, the guard's skip wins
-        _check(name, updates, bad if skip is None else bad & ~skip)
+        check(name, updates, bad if skip is None else bad & ~skip)
         return out, new_state
 
     return optax.GradientTransformation(tx.init, update_fn)

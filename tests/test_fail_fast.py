@@ -76,4 +76,3 @@ def test_message_counts_and_lists_at_most_ten_leaves():
     assert text.count("[") == 10 and "and 2 more" in text
     other = _fail_fast.message("zclip", paths, np.zeros(12, bool))
     assert "0 of 12 leaves (on another device)" in other
-
