@@ -18,7 +18,12 @@ from optax_clip._adaptive import (
     suggest_max_norm,
     zclip,
 )
-from optax_clip._agc import AdaptiveGradClipState, adaptive_grad_clip
+from optax_clip._agc import (
+    AdaptiveGradClipState,
+    adaptive_grad_clip,
+    unitwise_clip,
+    unitwise_norm,
+)
 from optax_clip._guards import (
     SkipNonfiniteState,
     SkipOnSpikeState,
@@ -80,5 +85,7 @@ __all__ = (
     "skip_on_spike",
     "soft_clip_by_global_norm",
     "suggest_max_norm",
+    "unitwise_clip",
+    "unitwise_norm",
     "zclip",
 )

@@ -17,6 +17,8 @@ HELPERS = {
     "per_example_global_norm_clip",  # functions, like optax's
     "per_example_layer_norm_clip",
     "suggest_max_norm",
+    "unitwise_clip",  # AGC's helpers, like optax's (tests/test_unitwise.py)
+    "unitwise_norm",
 }
 # optax's optimizers, skip-aware (tests/test_skippable.py compares them with
 # optax's): they clip nothing, so the clips' contract does not apply.
