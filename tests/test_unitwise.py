@@ -86,6 +86,13 @@ def test_unitwise_clip_overflow_zero_and_errors():
     np.testing.assert_allclose(out[:, 0], [2**-0.5 * 1e-10] * 2, rtol=1e-6)
     np.testing.assert_allclose(out[:, 1], [1e-10, 0.0], rtol=1e-6)
 
+    # bf16 units are scaled in float32 and rounded toward zero: within the limit.
+    b = (jnp.arange(1.0, 9.0).reshape(4, 2) / 3).astype(jnp.bfloat16)
+    out = jax.jit(lambda g: oc.unitwise_clip(oc.unitwise_norm(g), 0.3, g))(b)
+    assert out.dtype == jnp.bfloat16
+    got = np.sqrt((np.asarray(out, np.float64) ** 2).sum(axis=0))
+    assert np.all(got <= 0.3) and np.all(got > 0.29)
+
     def loss(g):
         return jnp.sum(oc.unitwise_clip(oc.unitwise_norm(g), 0.0, g))
 
