@@ -234,7 +234,7 @@ def autoclip(
         return _recorded(applied, next_state, state, level, valid, finite)
 
     tx = optax.GradientTransformation(init_fn, update_fn)
-    return _fail_fast.wrap(tx, policy, "autoclip")
+    return _fail_fast.wrap(tx, policy, "autoclip", axes)
 
 
 # --------------------------------------------------------------------------
@@ -492,7 +492,7 @@ def zclip(
         return _recorded(applied, next_state, state, level, valid, finite)
 
     tx = optax.GradientTransformation(init_fn, update_fn)
-    return _fail_fast.wrap(tx, policy, "zclip")
+    return _fail_fast.wrap(tx, policy, "zclip", axes)
 
 
 # --------------------------------------------------------------------------
@@ -749,7 +749,7 @@ def adagc(
         return _recorded(applied, next_state, state, level, valid, finite)
 
     tx = optax.GradientTransformation(init_fn, update_fn)
-    return _fail_fast.wrap(tx, policy, "adagc")
+    return _fail_fast.wrap(tx, policy, "adagc", axes)
 
 
 # --------------------------------------------------------------------------

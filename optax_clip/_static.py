@@ -15,7 +15,7 @@ from optax_clip import _apply, _collectives, _fail_fast, _norms, _validation
 from optax_clip._stats import ClipStats, init_clip_stats
 
 
-def _fixed_threshold(state_cls, initial_threshold, step, policy="propagate"):
+def _fixed_threshold(state_cls, initial_threshold, step, policy="propagate", axes=()):
     """A transform whose ``step(updates)`` returns ``(applied, threshold)``.
 
     The measure, decide and apply steps are in ``step``; the state holds only
@@ -33,7 +33,7 @@ def _fixed_threshold(state_cls, initial_threshold, step, policy="propagate"):
         return applied.updates, state_cls(stats)
 
     tx = optax.GradientTransformation(init_fn, update_fn)
-    return _fail_fast.wrap(tx, policy, state_cls._stats_name)
+    return _fail_fast.wrap(tx, policy, state_cls._stats_name, axes)
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -130,7 +130,7 @@ def clip_by_global_norm(
         threshold = _apply.threshold_array(max_norm, norm.dtype, valid)
         return _apply.apply_global(updates, norm, threshold, policy), threshold
 
-    return _fixed_threshold(ClipByGlobalNormState, max_norm, step, policy)
+    return _fixed_threshold(ClipByGlobalNormState, max_norm, step, policy, axes)
 
 
 class ClipByBlockNormState(NamedTuple):
@@ -207,7 +207,7 @@ def clip_by_block_norm(
         thresholds = jnp.broadcast_to(threshold, norms.shape)
         return _apply.apply_per_leaf(updates, norms, thresholds, policy, p), threshold
 
-    return _fixed_threshold(ClipByBlockNormState, max_norm, step, policy)
+    return _fixed_threshold(ClipByBlockNormState, max_norm, step, policy, axes)
 
 
 class ClipByBlockRMSState(NamedTuple):
@@ -299,7 +299,7 @@ def clip_by_block_rms(
         applied = _apply.apply_per_leaf(updates, norms, thresholds, policy, 2.0)
         return applied, threshold
 
-    return _fixed_threshold(ClipByBlockRMSState, max_rms, step, policy)
+    return _fixed_threshold(ClipByBlockRMSState, max_rms, step, policy, axes)
 
 
 class ClipByValueState(NamedTuple):
@@ -412,7 +412,7 @@ def clip_by_value(
         return applied, jnp.maximum(-lo, hi)
 
     lo, hi = bounds(jnp.float32)
-    return _fixed_threshold(ClipByValueState, jnp.maximum(-lo, hi), step, policy)
+    return _fixed_threshold(ClipByValueState, jnp.maximum(-lo, hi), step, policy, axes)
 
 
 class SoftClipByGlobalNormState(NamedTuple):
@@ -527,4 +527,4 @@ def soft_clip_by_global_norm(
         threshold = _apply.threshold_array(max_norm, norm.dtype, valid)
         return _apply.apply_global(updates, norm, threshold, policy, factor), threshold
 
-    return _fixed_threshold(SoftClipByGlobalNormState, max_norm, step, policy)
+    return _fixed_threshold(SoftClipByGlobalNormState, max_norm, step, policy, axes)
