@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import optax_clip as oc
@@ -92,3 +93,12 @@ def test_warmup_max_drop_is_validated_and_traceable():
     _, state = update({"a": jnp.array([0.3, 0.4])}, state)
     _, state = update({"a": jnp.array([0.03, 0.04])}, state)
     np.testing.assert_allclose(state.tensor_norm_ema, [0.5], rtol=1e-6)
+    # Traced by inject_hyperparams: the same rule, one compilation.
+    tx = optax.inject_hyperparams(oc.adagc)(warmup_steps=2, warmup_max_drop=1.0)
+    state = tx.init({"a": jnp.zeros(2)})
+    update = jax.jit(tx.update)
+    _, state = update({"a": jnp.array([0.3, 0.4])}, state)
+    state.hyperparams["warmup_max_drop"] = jnp.asarray(2.0, jnp.float32)
+    _, state = update({"a": jnp.array([0.03, 0.04])}, state)
+    assert update._cache_size() == 1
+    np.testing.assert_allclose(state.inner_state.tensor_norm_ema, [0.25], rtol=1e-6)
