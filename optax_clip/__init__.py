@@ -18,12 +18,21 @@ from optax_clip._adaptive import (
     suggest_max_norm,
     zclip,
 )
-from optax_clip._agc import AdaptiveGradClipState, adaptive_grad_clip
+from optax_clip._agc import (
+    AdaptiveGradClipState,
+    adaptive_grad_clip,
+    unitwise_clip,
+    unitwise_norm,
+)
 from optax_clip._guards import (
     SkipNonfiniteState,
     SkipOnSpikeState,
     skip_nonfinite,
     skip_on_spike,
+)
+from optax_clip._per_example import (
+    per_example_global_norm_clip,
+    per_example_layer_norm_clip,
 )
 from optax_clip._skippable import adam, adamw, scale_by_adam, sgd
 from optax_clip._static import (
@@ -68,11 +77,15 @@ __all__ = (
     "clip_by_global_norm",
     "clip_by_value",
     "get_stats",
+    "per_example_global_norm_clip",
+    "per_example_layer_norm_clip",
     "scale_by_adam",
     "sgd",
     "skip_nonfinite",
     "skip_on_spike",
     "soft_clip_by_global_norm",
     "suggest_max_norm",
+    "unitwise_clip",
+    "unitwise_norm",
     "zclip",
 )
