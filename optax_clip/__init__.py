@@ -26,6 +26,7 @@ from optax_clip._guards import (
     skip_on_spike,
 )
 from optax_clip._skippable import adam, adamw, scale_by_adam, sgd
+from optax_clip._spectral import ClipBySpectralNormState, clip_by_spectral_norm
 from optax_clip._static import (
     ClipByBlockNormState,
     ClipByBlockRMSState,
@@ -50,6 +51,7 @@ __all__ = (
     "ClipByBlockNormState",
     "ClipByBlockRMSState",
     "ClipByGlobalNormState",
+    "ClipBySpectralNormState",
     "ClipByValueState",
     "ClipStats",
     "MaxNormSuggestion",
@@ -66,6 +68,7 @@ __all__ = (
     "clip_by_block_norm",
     "clip_by_block_rms",
     "clip_by_global_norm",
+    "clip_by_spectral_norm",
     "clip_by_value",
     "get_stats",
     "scale_by_adam",
