@@ -107,45 +107,56 @@ def _safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
     return jnp.where(ok, num / jnp.where(ok, den, jnp.ones_like(den)), 0.0)
 
 
-def _matvec(a: jax.Array, v: jax.Array) -> jax.Array:
-    """``a @ v`` for ``a`` of shape ``batch + (m, n)`` and ``v`` of ``batch + (n,)``."""
-    return jnp.einsum("...mn,...n->...m", a, v, precision=lax.Precision.HIGHEST)
-
-
-def _rmatvec(a: jax.Array, u: jax.Array) -> jax.Array:
-    """``a.T @ u`` for ``a`` of shape ``batch + (m, n)``, ``u`` of ``batch + (m,)``."""
-    return jnp.einsum("...mn,...m->...n", a, u, precision=lax.Precision.HIGHEST)
-
-
 class _Matrix(NamedTuple):
-    """One leaf as scaled matrices: ``x = xs * 2**e`` matrix by matrix."""
+    """One leaf as matrices, with a power of two above each one's magnitude.
 
-    xs: jax.Array  # batch + (m, n), entries at most 1 in magnitude; 0 if bad
+    ``x * f1 * f2`` (``f1 * f2 = 2**-e``, two normal floats) has entries of
+    magnitude below 1, matrix by matrix.
+    """
+
+    x: jax.Array  # batch + (m, n), the leaf's values in the working dtype
     e: jax.Array  # batch + (1, 1), integer exponents
+    f1: jax.Array  # batch + (1, 1)
+    f2: jax.Array  # batch + (1, 1)
     bad: jax.Array  # batch + (1, 1), a NaN or Inf in the matrix
 
+    def scaled(self) -> jax.Array:
+        """The matrices times ``2**-e`` (0 where bad); a copy, for the soft clip."""
+        xs = (self.x * self.f1) * self.f2
+        return jnp.where(self.bad, jnp.zeros_like(xs), xs)
 
-def _scaled_matrix(x: jax.Array, mat_shape: tuple, dtype: Any) -> _Matrix:
-    """Each matrix divided by a power of two above its largest magnitude.
 
-    Exact (a power of two), and afterwards no product or sum of the power
+def _as_matrix(x: jax.Array, mat_shape: tuple, dtype: Any) -> _Matrix:
+    """The leaf as matrices and, for each, the power of two above its magnitude.
+
+    Dividing by it is exact, and afterwards no product or sum of the power
     iteration or of Newton-Schulz can overflow or underflow, whatever the
     magnitude of the gradient (1e30 in float32, 300 in float16, 1e-30).
     """
-    a = _reduce.magnitude(x, dtype).reshape(mat_shape) if x.size else None
-    if a is None:
-        z = jnp.zeros(mat_shape[:-2] + (1, 1), dtype)
-        return _Matrix(jnp.zeros(mat_shape, dtype), z.astype(jnp.int32), z > 0)
-    m = _collectives.nan_max(lax.stop_gradient(a), axis=(-2, -1), keepdims=True)
-    bad = ~jnp.isfinite(m)
+    if x.size:
+        a = lax.stop_gradient(_reduce.magnitude(x, dtype).reshape(mat_shape))
+        m = _collectives.nan_max(a, axis=(-2, -1), keepdims=True)
+    else:
+        m = jnp.zeros(mat_shape[:-2] + (1, 1), dtype)
     e = _norms.exponent(m)
     f1, f2 = _norms.pow2_factors(e, dtype)
-    xa = x.astype(dtype).reshape(mat_shape)
-    xs = jnp.where(bad, jnp.zeros_like(xa), (xa * f1) * f2)
-    return _Matrix(xs, e, bad)
+    return _Matrix(x.astype(dtype).reshape(mat_shape), e, f1, f2, ~jnp.isfinite(m))
 
 
-def _power_iteration(xs: jax.Array, v: jax.Array, iters: int):
+def _scaled_matvec(m: _Matrix, v: jax.Array, transpose: bool) -> jax.Array:
+    """``(x * 2**-e) @ v`` (or its transpose), without a scaled copy of ``x``.
+
+    ``f1`` goes into the vector and ``f2`` onto the result: with a unit
+    vector and entries below ``2**e``, every product and partial sum is within
+    ``2**(+-64) * n`` of 1.
+    """
+    f1, f2 = m.f1[..., 0], m.f2[..., 0]  # batch + (1,)
+    spec = "...mn,...m->...n" if transpose else "...mn,...n->...m"
+    hp = lax.Precision.HIGHEST
+    return jnp.einsum(spec, m.x, v * f1, precision=hp) * f2
+
+
+def _power_iteration(m: _Matrix, v: jax.Array, iters: int):
     """``(sigma, v_next)``: the top singular value of each scaled matrix.
 
     ``iters`` steps of ``u = A v, w = A^T u, v = w / |w|`` from the warm start
@@ -155,18 +166,18 @@ def _power_iteration(xs: jax.Array, v: jax.Array, iters: int):
     differentiated; ``sigma`` is (through ``A``). An all-zero matrix gives
     ``sigma = 0`` and keeps ``v``.
     """
-    seed = jnp.asarray(_seed_vector(xs.shape[-1]), xs.dtype)
-    v = lax.stop_gradient(v.astype(xs.dtype))
+    seed = jnp.asarray(_seed_vector(m.x.shape[-1]), m.x.dtype)
+    v = lax.stop_gradient(v.astype(m.x.dtype))
     start = v + _RESEED * seed
     start = start / jnp.maximum(_safe_norm(start), 1e-30)
-    frozen = lax.stop_gradient(xs)
+    frozen = m._replace(x=lax.stop_gradient(m.x))
     cur = start
     for _ in range(iters - 1):
-        w = _rmatvec(frozen, _matvec(frozen, cur))
+        w = _scaled_matvec(frozen, _scaled_matvec(frozen, cur, False), True)
         wn = _safe_norm(w)
         cur = jnp.where(wn > 0, _safe_divide(w, wn), cur)
-    u = _matvec(xs, cur)
-    w = _rmatvec(xs, u)
+    u = _scaled_matvec(m, cur, False)
+    w = _scaled_matvec(m, u, True)
     un, wn = _safe_norm(u), _safe_norm(w)
     sigma = _safe_divide(wn, un)
     nxt = jnp.where(wn > 0, lax.stop_gradient(_safe_divide(w, wn)), v)
@@ -324,15 +335,15 @@ def clip_by_spectral_norm(
     Example:
       >>> import jax.numpy as jnp, optax_clip
       >>> tx = optax_clip.clip_by_spectral_norm(max_norm=1.0)
-      >>> grads = {"w": jnp.array([[3.0, 0.0], [0.0, 0.5]]), "b": jnp.array([0.5])}
+      >>> grads = {"w": jnp.array([[3.0, 0.0], [4.0, 0.0]]), "b": jnp.array([0.5])}
       >>> clipped, state = tx.update(grads, tx.init(grads))
-      >>> clipped["w"]  # top singular value 3 -> 1; the direction is kept
-      Array([[1.        , 0.        ],
-             [0.        , 0.16666667]], dtype=float32)
+      >>> clipped["w"]  # rank 1, top singular value 5 -> 1; the direction is kept
+      Array([[0.6, 0. ],
+             [0.8, 0. ]], dtype=float32)
       >>> clipped["b"]  # a vector: clipped by its norm, here untouched
       Array([0.5], dtype=float32)
-      >>> round(float(state.clip_stats.pre_clip_norm), 4), int(state.clipped_matrices)
-      (3.0, 1)
+      >>> float(state.clip_stats.pre_clip_norm), int(state.clipped_matrices)
+      (5.0, 1)
 
     References:
       Jiang, Semenov and Stich, `Enhancing LLM Training via Spectral Clipping
@@ -430,21 +441,21 @@ class _Unit(NamedTuple):
 def _measure(x, v, threshold, dtype, iters, vectors, higher_rank) -> _Unit:
     mat = _matrix_shape(x.shape, higher_rank)
     if mat is not None:
-        m = _scaled_matrix(x, mat, dtype)
-        sigma_s, nxt = _power_iteration(m.xs, v, iters)
-        bad = m.bad
+        m = _as_matrix(x, mat, dtype)
+        sigma_s, nxt = _power_iteration(m, v, iters)
+        bad = m.bad | ~jnp.isfinite(sigma_s)
         nxt = jnp.where(bad[..., 0], v, nxt.astype(v.dtype))
-        f1, f2 = _norms.pow2_factors(m.e, dtype)
         up1, up2 = _norms.pow2_factors(-m.e, dtype)
         sigma = jnp.where(bad, jnp.nan, (sigma_s * up1) * up2)
-        threshold_s = (threshold * f1) * f2
+        threshold_s = (threshold * m.f1) * m.f2
         kind, matrix = "matrix", m
     else:
         ones = (1,) * x.ndim
         if vectors == "pass":
             bad = ~jnp.all(jnp.isfinite(x)).reshape(ones)
             zero = jnp.zeros(ones, dtype)
-            sigma_s, sigma, threshold_s, kind = zero, zero[:0], zero + threshold, "pass"
+            sigma = jnp.zeros((0,), dtype)
+            sigma_s, threshold_s, kind = zero, zero + threshold, "pass"
         else:
             (norm,) = _norms.unit_norms([x], [tuple(range(x.ndim))])
             norm = norm.astype(dtype).reshape(ones)
@@ -503,8 +514,8 @@ def _apply_soft(leaves, units, threshold, policy, steps, higher_rank):
             y = _apply.scale_leaf(x, _apply.make_scale(factor, one))
         else:
             m = u.matrix
-            ys = _soft_matrices(m.xs, u.threshold_s, steps)
-            up1, up2 = _norms.pow2_factors(-m.e, m.xs.dtype)
+            ys = _soft_matrices(m.scaled(), u.threshold_s, steps)
+            up1, up2 = _norms.pow2_factors(-m.e, m.x.dtype)
             y = ((ys * up1) * up2).reshape(x.shape).astype(x.dtype)
         bad = _leaf_view(x, u, u.bad)
         if policy == "zero_update":
