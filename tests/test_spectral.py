@@ -319,3 +319,23 @@ def test_composes_with_muon():
         if bound is not None:
             assert top_sv(updates["w"]) <= bound
             np.testing.assert_array_equal(updates["b"], raw["b"])  # passed
+
+
+def test_soft_mode_newton_schulz_convergence_far_above_the_threshold():
+    # The docstring's numbers: singular values [s_max, 5, 1, 0.1], c = 1.
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.standard_normal((16, 4)))
+    v, _ = np.linalg.qr(rng.standard_normal((8, 4)))
+    for top, steps, lowest in ((50.0, 10, (0.84, 0.86)), (100.0, 10, (0.5, 0.55))):
+        s = np.array([top, 5.0, 1.0, 0.1])
+        g = jnp.asarray((u * s) @ v.T, jnp.float32)
+        ratios = {}
+        for ns in (steps, 16):
+            out, _ = run(
+                oc.clip_by_spectral_norm(1.0, mode="soft", ns_steps=ns), {"w": g}, 1
+            )
+            got = np.linalg.svd(np.asarray(out["w"], np.float64), compute_uv=False)[:4]
+            ratios[ns] = got / (s / np.sqrt(1 + s**2))
+        assert lowest[0] < ratios[steps][3] < lowest[1]  # 15 % / half too small
+        assert np.all(ratios[steps][:3] > ratios[steps][3])
+        np.testing.assert_allclose(ratios[16], 1.0, rtol=1e-3)
