@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax_clip import _apply, _collectives, _norms, _reduce, _validation
+from optax_clip import _apply, _collectives, _norms, _plan, _reduce, _validation
 from optax_clip._stats import ClipStats, init_clip_stats
 
 Mode = Literal["hard", "soft"]
@@ -151,6 +151,14 @@ def _scaled_matvec(m: _Matrix, v: jax.Array, transpose: bool) -> jax.Array:
     ``2**(+-64) * n`` of 1.
     """
     f1, f2 = m.f1[..., 0], m.f2[..., 0]  # batch + (1,)
+    if not _plan.is_local(m.x):
+        # Maybe sharded: a product and a sum, which any sharding of the matrix
+        # allows (a dot over a sharded axis needs its output sharding spelled
+        # out under explicit mesh axes).
+        prod = (
+            m.x * (v * f1)[..., :, None] if transpose else m.x * (v * f1)[..., None, :]
+        )
+        return jnp.sum(prod, axis=-2 if transpose else -1) * f2
     spec = "...mn,...m->...n" if transpose else "...mn,...n->...m"
     hp = lax.Precision.HIGHEST
     return jnp.einsum(spec, m.x, v * f1, precision=hp) * f2
