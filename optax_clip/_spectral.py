@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from optax_clip import _apply, _collectives, _norms, _plan, _reduce, _validation
 from optax_clip._stats import ClipStats, init_clip_stats
@@ -314,10 +315,13 @@ def clip_by_spectral_norm(
     float64 leaves): no overflow or underflow at any magnitude (1e30 in
     float32, 300 in float16, bf16 leaves), no NaN at zero gradients, a zero
     threshold gives zeros; the gradient through ``update`` (meta-gradients)
-    is finite. Sharding: under ``jit``, sharded matrices are handled by XLA
-    like any other array; inside ``shard_map`` or ``pmap`` each device must
-    hold whole matrices (for example data-parallel gradients after their
-    ``psum``): there is no ``axis_name``, as nothing is measured across leaves.
+    is finite. Sharding: under ``jit`` a matrix may be split across devices
+    (also along explicit mesh axes): the hard clip's matrix-vector products
+    become partial sums that XLA combines, and the soft clip gathers each
+    split matrix for Newton-Schulz and splits the result as the input was.
+    Inside ``shard_map`` or ``pmap`` each device must hold whole matrices
+    (for example data-parallel gradients after their ``psum``): there is no
+    ``axis_name``, as nothing is measured across leaves.
 
     Non-finite policy: with ``"propagate"`` only a matrix (or vector) whose
     own values hold a NaN or Inf comes out all NaN; with ``"zero_update"``
@@ -507,6 +511,23 @@ def _apply_hard(leaves, units, policy):
     return applied.updates, scales, applied.nonfinite
 
 
+def _split_spec(x: jax.Array):
+    """The spec of ``x`` if it is split along explicit mesh axes, else None."""
+    try:
+        sharding = jax.typeof(x).sharding
+        mesh = sharding.mesh
+        if mesh.empty or jax.sharding.AxisType.Explicit not in tuple(mesh.axis_types):
+            return None
+        spec = sharding.spec
+        return spec if any(part is not None for part in spec) else None
+    except Exception:  # pragma: no cover - a JAX without sharding in types
+        return None
+
+
+def _reshard(x: jax.Array, spec: Any) -> jax.Array:
+    return jax.sharding.reshard(x, spec)
+
+
 def _apply_soft(leaves, units, threshold, policy, steps, higher_rank):
     """SPECTRA's map on matrices, ``1 / sqrt(1 + |g|^2 / c^2)`` on vectors."""
     if not leaves:
@@ -524,9 +545,12 @@ def _apply_soft(leaves, units, threshold, policy, steps, higher_rank):
             y = _apply.scale_leaf(x, _apply.make_scale(factor, one))
         else:
             m = u.matrix
-            ys = _soft_matrices(m.scaled(), u.threshold_s, steps)
+            spec = _split_spec(x)
+            xs = m.scaled() if spec is None else _reshard(m.scaled(), P())
+            ys = _soft_matrices(xs, u.threshold_s, steps)
             up1, up2 = _norms.pow2_factors(-m.e, m.x.dtype)
             y = ((ys * up1) * up2).reshape(x.shape).astype(x.dtype)
+            y = y if spec is None else _reshard(y, spec)
         bad = _leaf_view(x, u, u.bad)
         if policy == "zero_update":
             bad = jnp.broadcast_to(any_bad, bad.shape)

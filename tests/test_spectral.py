@@ -355,3 +355,32 @@ def test_soft_mode_newton_schulz_convergence_far_above_the_threshold():
         assert lowest[0] < ratios[steps][3] < lowest[1]  # 15 % / half too small
         assert np.all(ratios[steps][:3] > ratios[steps][3])
         np.testing.assert_allclose(ratios[16], 1.0, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_matrices_split_along_explicit_mesh_axes(mode, n_devices):
+    # Under jit the matrices may be sharded (here rows, and the last axis of a
+    # stack, over 8 devices): the same numbers as unsharded, the same shardings.
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    rng = np.random.default_rng(13)
+    grads = {
+        "w": 5 * rng.standard_normal((16, 8)).astype(np.float32),
+        "stack": rng.standard_normal((2, 16, 8)).astype(np.float32),
+    }
+    specs = {"w": P("data"), "stack": P(None, None, "data")}
+    tx = oc.clip_by_spectral_norm(1.0, mode=mode)
+    want, _ = run(tx, grads, steps=2)
+    with jax.set_mesh(mesh):
+        sharded = {
+            k: jax.device_put(v, NamedSharding(mesh, specs[k]))
+            for k, v in grads.items()
+        }
+        got, _ = run(tx, sharded, steps=2)
+    for k in grads:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+        assert got[k].sharding.is_equivalent_to(
+            NamedSharding(mesh, specs[k]), 2 + (k == "stack")
+        )
