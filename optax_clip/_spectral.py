@@ -398,9 +398,7 @@ def clip_by_spectral_norm(
         if mode == "hard":
             new_leaves, scales, any_bad = _apply_hard(leaves, units, policy)
         else:
-            new_leaves, scales, any_bad = _apply_soft(
-                leaves, units, threshold, policy, ns_steps, higher_rank
-            )
+            new_leaves, scales, any_bad = _apply_soft(leaves, units, policy, ns_steps)
         out = jax.tree.unflatten(jax.tree.structure(updates), new_leaves)
         applied, n_clipped, n_matrices = _summary(units, scales, any_bad, policy)
         stats = _apply.record(
@@ -447,7 +445,6 @@ class _Unit(NamedTuple):
     threshold_s: jax.Array
     bad: jax.Array
     sigma: jax.Array
-    threshold: jax.Array
     matrix: _Matrix | None
     next_vector: jax.Array
 
@@ -483,26 +480,29 @@ def _measure(x, v, threshold, dtype, iters, vectors, higher_rank) -> _Unit:
         threshold_s,
         bad,
         jnp.ravel(sigma).astype(jnp.float32),
-        threshold,
         matrix,
         nxt,
     )
 
 
-def _leaf_view(x: jax.Array, unit: _Unit, arr: jax.Array) -> jax.Array:
-    """A per-matrix array (``batch + (1, 1)``) broadcastable to the leaf ``x``."""
-    if unit.kind != "matrix" or arr.ndim == x.ndim:
-        return arr.reshape(arr.shape if arr.ndim == x.ndim else (1,) * x.ndim)
-    return arr.reshape((1,) * x.ndim)  # flattened: one matrix for the leaf
+def _leaf_view(x: jax.Array, arr: jax.Array) -> jax.Array:
+    """A per-matrix array broadcastable to the leaf ``x``.
+
+    ``batch + (1, 1)`` for a stack, ``(1, 1)`` for one matrix, ``(1,) * ndim``
+    for other leaves: kept as it is, unless the leaf was flattened into one
+    matrix (``(1, 1)`` for a leaf of more dimensions).
+    """
+    return arr if arr.ndim == x.ndim else arr.reshape((1,) * x.ndim)
 
 
 def _apply_hard(leaves, units, policy):
     """Scales each matrix by ``min(1, c / sigma)`` (the library's apply step)."""
     if not leaves:
         return [], [], jnp.zeros((), bool)
-    norms = [_leaf_view(x, u, u.sigma_s) for x, u in zip(leaves, units, strict=True)]
-    thr = [_leaf_view(x, u, u.threshold_s) for x, u in zip(leaves, units, strict=True)]
-    bad = [_leaf_view(x, u, u.bad) for x, u in zip(leaves, units, strict=True)]
+    pairs = list(zip(leaves, units, strict=True))
+    norms = [_leaf_view(x, u.sigma_s) for x, u in pairs]
+    thr = [_leaf_view(x, u.threshold_s) for x, u in pairs]
+    bad = [_leaf_view(x, u.bad) for x, u in pairs]
     applied, _ = _apply.apply_per_unit(leaves, norms, thr, bad, policy)
     scales = []
     for u in units:
@@ -528,7 +528,7 @@ def _reshard(x: jax.Array, spec: Any) -> jax.Array:
     return jax.sharding.reshard(x, spec)
 
 
-def _apply_soft(leaves, units, threshold, policy, steps, higher_rank):
+def _apply_soft(leaves, units, policy, steps):
     """SPECTRA's map on matrices, ``1 / sqrt(1 + |g|^2 / c^2)`` on vectors."""
     if not leaves:
         return [], [], jnp.zeros((), bool)
@@ -551,7 +551,7 @@ def _apply_soft(leaves, units, threshold, policy, steps, higher_rank):
             up1, up2 = _norms.pow2_factors(-m.e, m.x.dtype)
             y = ((ys * up1) * up2).reshape(x.shape).astype(x.dtype)
             y = y if spec is None else _reshard(y, spec)
-        bad = _leaf_view(x, u, u.bad)
+        bad = _leaf_view(x, u.bad)
         if policy == "zero_update":
             bad = jnp.broadcast_to(any_bad, bad.shape)
         out.append(jnp.where(bad, jnp.asarray(fill, x.dtype), y))
