@@ -278,12 +278,14 @@ def clip_by_spectral_norm(
     (a small fixed vector is mixed in, so that a gradient orthogonal to the
     previous estimate is still measured). :math:`\hat\sigma` never exceeds
     the true :math:`\sigma_{\max}` and converges to it (geometrically, at the
-    rate :math:`(\sigma_2/\sigma_1)^2` a step, over the calls of a run whose
-    gradients keep their top direction), so the top singular value after the
-    clip is at most :math:`c\,\sigma_{\max}/\hat\sigma`: exactly :math:`c`
-    once the estimate has converged, somewhat more on the first steps or
-    when the top direction jumps. The direction of each matrix is kept, and a
-    matrix with :math:`\hat\sigma \le c` is returned bit for bit.
+    rate :math:`(\sigma_2/\sigma_1)^2` an iteration, over the calls of a run
+    whose gradients keep their top direction), so the top singular value
+    after the clip is at most :math:`c\,\sigma_{\max}/\hat\sigma`: exactly
+    :math:`c` once the estimate has converged, somewhat more on the first
+    steps, when the top direction jumps, or when the top singular values are
+    nearly equal (Muon's orthogonalised updates: use ``mode="soft"`` there).
+    The direction of each matrix is kept, and a matrix with
+    :math:`\hat\sigma \le c` is returned bit for bit.
 
     **Soft** (SPECTRA): the map above, computed without an SVD: the inverse
     square root by ``ns_steps`` coupled Newton-Schulz iterations on the Gram
@@ -299,7 +301,9 @@ def clip_by_spectral_norm(
     exact to 0.1 % at :math:`100c` with 16 steps), as in SPECTRA's code. Costs
     ``3 * ns_steps + 2`` products of matrices of the smaller side a matrix,
     where the hard clip costs ``2 * power_iters`` matrix-vector products. The
-    power iteration also runs in this mode, for the statistics.
+    power iteration also runs in this mode, for the statistics. SPECTRA's
+    shape factor and threshold schedule are left to the chain
+    (:func:`optax.scale`, :func:`optax.inject_hyperparams`).
 
     **Which leaves.** A leaf of shape ``batch + (m, n)`` with more than two
     dimensions is a stack of matrices (e.g. layers scanned with
@@ -333,9 +337,10 @@ def clip_by_spectral_norm(
         (a scalar >= 0; may be traced by :func:`optax.inject_hyperparams`).
       mode: ``"hard"`` (default): scale by ``min(1, c / sigma_max)``;
         ``"soft"``: SPECTRA's soft spectral clip.
-      power_iters: power-iteration steps per call (>= 1; static).
-      ns_steps: Newton-Schulz iterations of the soft clip (>= 1; static;
-        10 as in SPECTRA).
+      power_iters: power-iteration steps per call (>= 1; static: list it in
+        the ``static_args`` of :func:`optax.inject_hyperparams`).
+      ns_steps: Newton-Schulz iterations of the soft clip (>= 1; static, as
+        ``power_iters``; 10 as in SPECTRA).
       vectors: ``"norm"`` (default): clip 1-D and scalar leaves by their
         2-norm (soft: ``g / sqrt(1 + |g|^2 / c^2)``); ``"pass"``: leave them.
       higher_rank: ``"batch"`` (default) or ``"flatten"``, for leaves with
