@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-  python -m benchmarks.spectral_cost            # ~2 minutes on 2 cores
+  python -m benchmarks.spectral_cost            # ~2 minutes on 2 cores (40 rounds)
   python -m benchmarks.spectral_cost --reps 5   # seconds (a smoke run)
 
 A tree of four 512x512 and four 1024x256 float32 matrices and eight
@@ -56,7 +56,7 @@ def variants() -> dict[str, optax.GradientTransformation]:
 
 def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--reps", type=int, default=40)
     args = parser.parse_args(argv)
     params = spectral_tree(0)
     grads = jax.tree.map(lambda x: 10.0 * x, spectral_tree(1))
