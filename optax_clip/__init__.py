@@ -35,6 +35,7 @@ from optax_clip._per_example import (
     per_example_layer_norm_clip,
 )
 from optax_clip._skippable import adam, adamw, scale_by_adam, sgd
+from optax_clip._spectral import ClipBySpectralNormState, clip_by_spectral_norm
 from optax_clip._static import (
     ClipByBlockNormState,
     ClipByBlockRMSState,
@@ -59,6 +60,7 @@ __all__ = (
     "ClipByBlockNormState",
     "ClipByBlockRMSState",
     "ClipByGlobalNormState",
+    "ClipBySpectralNormState",
     "ClipByValueState",
     "ClipStats",
     "MaxNormSuggestion",
@@ -75,6 +77,7 @@ __all__ = (
     "clip_by_block_norm",
     "clip_by_block_rms",
     "clip_by_global_norm",
+    "clip_by_spectral_norm",
     "clip_by_value",
     "get_stats",
     "per_example_global_norm_clip",
