@@ -18,14 +18,24 @@ from optax_clip._adaptive import (
     suggest_max_norm,
     zclip,
 )
-from optax_clip._agc import AdaptiveGradClipState, adaptive_grad_clip
+from optax_clip._agc import (
+    AdaptiveGradClipState,
+    adaptive_grad_clip,
+    unitwise_clip,
+    unitwise_norm,
+)
 from optax_clip._guards import (
     SkipNonfiniteState,
     SkipOnSpikeState,
     skip_nonfinite,
     skip_on_spike,
 )
+from optax_clip._per_example import (
+    per_example_global_norm_clip,
+    per_example_layer_norm_clip,
+)
 from optax_clip._skippable import adam, adamw, scale_by_adam, sgd
+from optax_clip._spectral import ClipBySpectralNormState, clip_by_spectral_norm
 from optax_clip._static import (
     ClipByBlockNormState,
     ClipByBlockRMSState,
@@ -58,6 +68,7 @@ __all__ = (
     "ClipByBlockNormState",
     "ClipByBlockRMSState",
     "ClipByGlobalNormState",
+    "ClipBySpectralNormState",
     "ClipByValueState",
     "ClipStats",
     "ClipUpdateByHistoryState",
@@ -77,10 +88,13 @@ __all__ = (
     "clip_by_block_norm",
     "clip_by_block_rms",
     "clip_by_global_norm",
+    "clip_by_spectral_norm",
     "clip_by_value",
     "clip_update_by_history",
     "clip_update_by_param_norm",
     "get_stats",
+    "per_example_global_norm_clip",
+    "per_example_layer_norm_clip",
     "scale_by_adam",
     "sgd",
     "skip_nonfinite",
@@ -88,5 +102,7 @@ __all__ = (
     "soft_clip_by_global_norm",
     "stable_adamw",
     "suggest_max_norm",
+    "unitwise_clip",
+    "unitwise_norm",
     "zclip",
 )

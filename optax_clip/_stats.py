@@ -390,6 +390,13 @@ def get_stats(
     * ``adaptive_grad_clip``: ``clipped_units`` (units clipped on the last
       step, int32).
 
+    ``clip_by_spectral_norm`` reports spectral norms (``pre_clip_norm`` and
+    ``post_clip_norm`` are the largest top singular value over its matrices
+    and vectors, before and after) and adds ``clipped_matrices`` (matrices,
+    each of a stack counted, whose estimated top singular value exceeded
+    ``max_norm`` on the last step, int32) and ``matrix_clip_fraction`` (that
+    count over the number of matrices, float32).
+
     Update clips (after the optimizer) add:
 
     * ``clip_update_by_history``: ``update_window_len`` (update norms in the

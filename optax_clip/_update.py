@@ -28,7 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_clip import _apply, _collectives, _norms, _skippable, _validation
+from optax_clip import (
+    _apply,
+    _collectives,
+    _fail_fast,
+    _norms,
+    _skippable,
+    _validation,
+)
 from optax_clip._static import _global_sizes
 from optax_clip._stats import (
     ClipStats,
@@ -170,8 +177,8 @@ def clip_update_by_history(
         ``[2, window]``; default ``max(2, window // 2)``). A traced ``sigma``
         or ``min_history`` out of range makes that step's update NaN
         (``clip_threshold`` reads NaN) and leaves the window alone.
-      nonfinite: ``"propagate"`` (default) or ``"zero_update"``; see
-        :func:`optax_clip.clip_by_global_norm`.
+      nonfinite: ``"propagate"`` (default), ``"zero_update"`` or
+        ``"raise"``; see :func:`optax_clip.clip_by_global_norm`.
       axis_name: mapped axes over which the update is sharded (see
         :func:`optax_clip.clip_by_global_norm`); the norm is then global.
 
@@ -232,7 +239,8 @@ def clip_update_by_history(
         stats = _apply.record(state.clip_stats, applied, threshold)
         return applied.updates, next_state._replace(clip_stats=stats)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return _fail_fast.wrap(tx, policy, "clip_update_by_history", axes)
 
 
 # --------------------------------------------------------------------------
@@ -316,7 +324,8 @@ def clip_update_by_param_norm(
         parameter norm (>= 0; ``inf`` never clips).
       min_param_norm: :math:`\epsilon`, the smallest parameter norm used
         (>= 0; default 1e-3, AGC's), so that zero parameters can move.
-      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+      nonfinite: ``"propagate"`` (default), ``"zero_update"`` or
+        ``"raise"`` (see :func:`optax_clip.clip_by_global_norm`).
       axis_name: mapped axes over which leaves are sharded (see
         :func:`optax_clip.clip_by_global_norm`); each norm is then that of
         the whole leaf.
@@ -374,7 +383,8 @@ def clip_update_by_param_norm(
         count = jnp.sum(clipped, dtype=_I32)
         return applied.updates, ClipUpdateByParamNormState(stats, count)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return _fail_fast.wrap(tx, policy, name, axes)
 
 
 # --------------------------------------------------------------------------
@@ -509,7 +519,8 @@ def stable_adamw(
       mask: which parameters get weight decay (as in :func:`optax.adamw`).
       max_rms: :math:`d`, the RMS above which a tensor's step is scaled down
         (>= 0; default 1, the paper's; ``inf`` is plain AdamW).
-      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+      nonfinite: ``"propagate"`` (default), ``"zero_update"`` or
+        ``"raise"`` (see :func:`optax_clip.clip_by_global_norm`).
       axis_name: mapped axes over which the tensors are sharded; each RMS is
         then that of the whole tensor.
 
@@ -587,4 +598,7 @@ def stable_adamw(
             max_moment_rms=top.astype(_F32),
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    if policy == "raise":
+        return _fail_fast.wrap(tx, policy, "stable_adamw", axes)
+    return tx
