@@ -35,6 +35,7 @@ from optax_clip import (
     _norms,
     _skippable,
     _validation,
+    _xla_cpu,
 )
 from optax_clip._static import _global_sizes
 from optax_clip._stats import (
@@ -445,7 +446,8 @@ def _ratio_norms(ratios: list[jax.Array], axes: tuple, dtype: Any) -> jax.Array:
         return jnp.zeros((0,), dtype)
     sums = [jnp.sum(jnp.square(r), dtype=dtype).reshape(1) for r in ratios]
     sums = _collectives.combine(sums, _collectives.leaf_axes(ratios, axes), "sum")
-    return _norms.safe_root(sums, 2.0)
+    # A NaN sum (a NaN gradient) stays NaN: safe_root would make it 0.
+    return jnp.where(jnp.isnan(sums), sums, _norms.safe_root(sums, 2.0))
 
 
 def stable_adamw(
@@ -591,6 +593,11 @@ def stable_adamw(
         stats = _apply.record(state.clip_stats, applied, d)
         steps, s_decay = decay.update(applied.updates, s_decay, params)
         steps, s_rate = rate.update(steps, s_rate, params)
+        if policy == "zero_update":  # the weight decay too
+            bad = applied.nonfinite
+            steps = jax.tree.map(
+                lambda x: _xla_cpu.select(bad, jnp.zeros_like(x), x), steps
+            )
         return steps, StableAdamWState(
             clip_stats=stats,
             adam_state=(moments, s_decay, s_rate),

@@ -351,6 +351,26 @@ def test_stable_adamw_reports_its_documented_keys():
         optax.tree.get(state, name)
 
 
+def test_stable_adamw_nonfinite_raise_names_the_leaf():
+    params, grads = _adam_problem(steps=1)
+    tx = oc.stable_adamw(0.01, nonfinite="raise")
+    update, state = jax.jit(tx.update), tx.init(params)
+    chex.assert_tree_all_finite(update(grads[0], state, params)[0])
+    bad = dict(grads[0], b=grads[0]["b"].at[0].set(jnp.nan))
+    text = r"optax_clip\.stable_adamw\(nonfinite='raise'\).* 1 of 3 leaves: \['b'\]"
+    with pytest.raises(Exception, match=text):
+        jax.block_until_ready(update(bad, state, params))
+    # The other policies: the step is flagged; zero_update zeroes it.
+    for policy in ("propagate", "zero_update"):
+        tx = oc.stable_adamw(0.01, nonfinite=policy)
+        out, state = jax.jit(tx.update)(bad, tx.init(params), params)
+        assert int(state.clip_stats.is_nonfinite) == 1, policy
+        if policy == "zero_update":
+            chex.assert_trees_all_equal(out, jax.tree.map(jnp.zeros_like, out))
+        else:
+            assert np.all(np.isnan(out["b"])) and np.all(np.isfinite(out["w"]))
+
+
 def test_stable_adamw_under_skip_nonfinite_keeps_the_moments():
     params, grads = _adam_problem(steps=4, spike_at=-1)
     tx = oc.skip_nonfinite(oc.stable_adamw(0.01, weight_decay=0.1))
