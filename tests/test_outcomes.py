@@ -137,3 +137,10 @@ def test_tiny_run_writes_the_page(tiny):
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["data"] == res["data"]
     assert saved["data"]["lib/held"]["bytes"] > 0
+
+
+def test_the_page_can_be_rewritten_from_the_saved_results(tiny, tmp_path):
+    _, out = tiny
+    again = tmp_path / "again.md"
+    outcomes.main(["--from-json", str(out.with_suffix(".json")), "--out", str(again)])
+    assert again.read_text() == out.read_text().replace(out.stem + ".png", "again.png")
