@@ -757,16 +757,15 @@ def figure(results: dict, path: Path) -> None:
     """Loss and pre-clip gradient norm of seed 0, per learning rate and method,
     and the fine-tuning runs."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global state
 
     lrs = results["config"]["lrs"]
     ft_lrs = results["config"]["ft_lrs"]
     ft = results["finetune"]["rows"]
     nrows = len(lrs) + len(ft_lrs)
-    fig, axes = plt.subplots(nrows, 2, figsize=(13, 3.6 * nrows), squeeze=False)
-    cmap = plt.get_cmap("tab20")
+    fig = Figure(figsize=(13, 3.6 * nrows), layout="tight")
+    axes = fig.subplots(nrows, 2, squeeze=False)
+    cmap = matplotlib.colormaps["tab20"]
     names = list(results["methods"])
     styles = ["-", "--", "-.", ":"]
 
@@ -799,12 +798,14 @@ def figure(results: dict, path: Path) -> None:
         draw(axes[row, 0], axes[row, 1], curves, f"fine-tuning, peak lr {lr:g}")
         axes[row, 1].legend(fontsize=7, loc="upper right")
     axes[0, 1].legend(fontsize=7, ncol=2, loc="upper right")
-    fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
-def write_page(results: dict, out: Path, command: str) -> None:
+def write_page(
+    results: dict, out: Path, command: str, rewrite: str | None = None
+) -> None:
+    """Writes the page ``out`` and its figure (``out`` with ``.png``);
+    ``rewrite``: the command that rewrote it from saved results, if one did."""
     cfg = results["config"]
     fig_path = out.with_suffix(".png")
     figure(results, fig_path)
@@ -823,6 +824,15 @@ def write_page(results: dict, out: Path, command: str) -> None:
         command,
         "```",
         "",
+        *(
+            [
+                "The page and figure were then rewritten from the saved results, "
+                f"without training, by `{rewrite}`.",
+                "",
+            ]
+            if rewrite
+            else []
+        ),
         f"Run on {results['machine']['platform']}, {results['machine']['cpus']} CPUs "
         "(shared with other jobs while it ran), Python "
         f"{results['machine']['python']}, "
@@ -1058,7 +1068,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.from_json:
         results = json.loads(args.from_json.read_text())
-        write_page(results, args.out, results["command"])
+        rewrite = " ".join(["python -m benchmarks.outcomes", *argv])
+        write_page(results, args.out, results["command"], rewrite)
         print(f"[done] wrote {args.out} and {args.out.with_suffix('.png')}")
         return results
     cfg = PRESETS["tiny" if args.tiny else "full"]
