@@ -798,7 +798,39 @@ def figure(results: dict, path: Path) -> None:
         draw(axes[row, 0], axes[row, 1], curves, f"fine-tuning, peak lr {lr:g}")
         axes[row, 1].legend(fontsize=7, loc="upper right")
     axes[0, 1].legend(fontsize=7, ncol=2, loc="upper right")
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=72)
+
+
+def _notes(results: dict, lr: float, summary_lines: list[str]) -> list[str]:
+    """Sentences computed from the rows at ``lr``: guards that never skipped,
+    and the best method against AdamW alone at the first learning rate."""
+    rows = [r for r in results["rows"] if r["lr"] == lr]
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    out = []
+    for n in names:
+        skipped = [r["skipped"] for r in rows if r["method"] == n]
+        if skipped and all(x == 0.0 for x in skipped):
+            out.append(
+                f"`{n}` skipped no step at this learning rate: its numbers are those "
+                "of the chain inside it."
+            )
+    means = {
+        n: _mean_sd([r["bpb"] for r in rows if r["method"] == n])[0] for n in names
+    }
+    finite = {n: m for n, m in means.items() if not math.isnan(m)}
+    lr0 = results["config"]["lrs"][0]
+    base = _mean_sd(
+        [r["bpb"] for r in results["rows"] if r["lr"] == lr0 and r["method"] == "none"]
+    )[0]
+    if finite and lr != lr0 and not math.isnan(base):
+        best = min(finite, key=finite.get)
+        line = (
+            f"Best at peak lr {lr:g}: `{best}`, {finite[best]:.3f} bits per byte; "
+            f"AdamW alone at peak lr {lr0:g} reached {base:.3f}."
+        )
+        out.append(line)
+        summary_lines.append(f"- {line}")
+    return [x for line in out for x in (line, "")]
 
 
 def write_page(
@@ -889,7 +921,9 @@ def write_page(
         "gradient) "
         "are counted apart. Clipped and skipped: the fraction of steps the method "
         "rescaled or skipped, from `optax_clip.get_stats` at the end of each run "
-        "(`clip_fraction`, `skip_fraction`), mean over the seeds. **vs none**: the "
+        "(`clip_fraction`, `skip_fraction`), mean over the seeds; a step counts as "
+        "clipped when any part of it was rescaled, so per-element, per-unit and "
+        "per-leaf methods reach 100% while touching little. **vs none**: the "
         "difference of the mean held-out bits per byte to AdamW alone; *better* or "
         "*worse* when it exceeds the larger of the two seed standard deviations "
         "(and 0.005), else *same*.",
@@ -964,6 +998,7 @@ def write_page(
                     f"{label}: " + ", ".join(f"`{k}`" for k in groups[v]) + ".",
                     "",
                 ]
+        lines += _notes(results, lr, summary_lines)
     ft = results["finetune"]
     lines += [
         "## Fine-tuning on a shifted part",
@@ -1101,7 +1136,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_page(results, args.out, command)
     log(f"[done] wrote {args.out} and {args.out.with_suffix('.png')}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=float))
+        args.json.write_text(json.dumps(results, default=float))
     return results
 
 
