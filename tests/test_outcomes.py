@@ -154,3 +154,14 @@ def test_the_page_can_be_rewritten_from_the_saved_results(tiny, tmp_path):
         .replace(out.read_text().split("```text")[1].split("## Settings")[0], "")
         .replace(f"]({out.stem}.png)", "](again.png)")
     )
+
+
+def test_the_committed_page_is_the_saved_results_rendered(tmp_path):
+    # docs/outcomes.md is what the current code writes from the saved run.
+    root = Path(__file__).resolve().parents[1]
+    saved = root / "benchmarks" / "runs" / "outcomes.json"
+    results = json.loads(saved.read_text())
+    out = tmp_path / "outcomes.md"
+    rewrite = "python -m benchmarks.outcomes --from-json benchmarks/runs/outcomes.json"
+    outcomes.write_page(results, out, results["command"], rewrite)
+    assert out.read_text() == (root / "docs" / "outcomes.md").read_text()
