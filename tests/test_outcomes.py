@@ -4,6 +4,7 @@ is asserted)."""
 
 import json
 import math
+import re
 from pathlib import Path
 
 import jax
@@ -165,3 +166,15 @@ def test_the_committed_page_is_the_saved_results_rendered(tmp_path):
     rewrite = "python -m benchmarks.outcomes --from-json benchmarks/runs/outcomes.json"
     outcomes.write_page(results, out, results["command"], rewrite)
     assert out.read_text() == (root / "docs" / "outcomes.md").read_text()
+
+
+def test_the_readme_summary_quotes_the_page():
+    # Every number in the README's "On real text" section is on the results page.
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme.split("## On real text")[1].split("\n## ")[0]
+    page = (root / "docs" / "outcomes.md").read_text()
+    numbers = re.findall(r"\b\d\.\d{3}\b", section)
+    assert len(numbers) >= 8
+    for number in numbers:
+        assert number in page, number
