@@ -19,6 +19,7 @@ from optax_clip._adaptive import (
     zclip,
 )
 from optax_clip._agc import AdaptiveGradClipState, adaptive_grad_clip
+from optax_clip._coordinate import AdaClipState, SpamClipState, adaclip, spam_clip
 from optax_clip._guards import (
     SkipNonfiniteState,
     SkipOnSpikeState,
@@ -44,6 +45,7 @@ from optax_clip._validation import NonFinitePolicy
 __version__ = "0.1.0"
 
 __all__ = (
+    "AdaClipState",
     "AdaGCState",
     "AdaptiveGradClipState",
     "AutoClipState",
@@ -57,7 +59,9 @@ __all__ = (
     "SkipNonfiniteState",
     "SkipOnSpikeState",
     "SoftClipByGlobalNormState",
+    "SpamClipState",
     "ZClipState",
+    "adaclip",
     "adagc",
     "adam",
     "adamw",
@@ -73,6 +77,7 @@ __all__ = (
     "skip_nonfinite",
     "skip_on_spike",
     "soft_clip_by_global_norm",
+    "spam_clip",
     "suggest_max_norm",
     "zclip",
 )

@@ -348,6 +348,11 @@ def get_stats(
       ``clipped_tensors`` (tensors clipped on the last step, int32).
     * ``adaptive_grad_clip``: ``clipped_units`` (units clipped on the last
       step, int32).
+    * ``spam_clip``, ``adaclip``: ``clipped_coordinates`` (coordinates
+      clipped on the last step, int32); ``adaclip`` also ``adaclip_steps``
+      (finite steps seen, int32). Both report their norms as the largest
+      magnitude (like ``clip_by_value``); ``clip_threshold`` is ``theta`` for
+      ``spam_clip`` and the largest leaf threshold for ``adaclip``.
 
     The guards (``skip_nonfinite``, ``skip_on_spike``) skip steps rather
     than clip them, and report:
