@@ -19,8 +19,17 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
-from optax_clip import _apply, _collectives, _guards, _norms, _reduce, _validation
+from optax_clip import (
+    _apply,
+    _collectives,
+    _guards,
+    _norms,
+    _reduce,
+    _validation,
+    _xla_cpu,
+)
 from optax_clip._stats import ClipStats, count_if, init_clip_stats
 
 _F32 = jnp.float32
@@ -99,18 +108,49 @@ def _bounded(g: jax.Array, a: jax.Array, bound: jax.Array) -> jax.Array:
     return y.astype(g.dtype)
 
 
-def _stats_of(leaves_axes, out_leaves, pre, counts, min_scales, axes):
-    """``(post inf-norm, clipped coordinates, smallest factor)`` across devices."""
-    post = _norms.global_norm(out_leaves, jnp.inf, axes) if out_leaves else pre
-    if not counts:
-        return post, jnp.zeros((), _I32), jnp.ones((), _F32)
-    n = jnp.sum(
-        _collectives.combine([c.reshape(1) for c in counts], leaves_axes, "sum")
-    )
-    # -max(-x): the smallest factor, NaN-safe across devices.
-    neg = [(-s).reshape(1) for s in min_scales]
-    smallest = -jnp.max(_collectives.combine(neg, leaves_axes, "max"))
-    return post, n.astype(_I32), smallest
+def _spam_stats(decide, gs, vs, pre, axes):
+    """``(post-clip 2-norm, clipped coordinates)`` of spam_clip, in one pass.
+
+    Each leaf is read once more, in one reduction of two outputs: the sum of
+    the squared clipped magnitudes divided by the pre-clip norm (at most 1
+    each, so the sum cannot overflow), and the number of clipped
+    coordinates. Computed apart (a norm of the clipped leaves and a count),
+    the statistics took 3x AdamW's whole step on XLA:CPU at 5M values.
+    """
+    if not gs:
+        return jnp.zeros((), _F32), jnp.zeros((), _I32)
+    pre = lax.stop_gradient(pre)  # statistics: no gradient (nor JVP rule)
+    safe = jnp.where(jnp.isfinite(pre) & (pre > 0), pre, 1.0).astype(_F32)
+    sums, counts = [], []
+    for g, v in zip(gs, vs, strict=True):
+        a, bound, clip = lax.stop_gradient(decide(g, v))
+        m = _apply.divide_by_scalar(jnp.where(clip, bound, a), safe.astype(a.dtype))
+        pair = (lax.mul(m, m), clip.astype(_I32))
+        rows = [_xla_cpu.split_rows(x) for x in pair]
+        if rows[0] is not None:
+            pair, axes_ = tuple(rows), (1,)
+        else:
+            pair, axes_ = tuple(x.reshape(1, -1) for x in pair), (1,)
+
+        def add(u, w):
+            return lax.add(u[0], w[0]), lax.add(u[1], w[1])
+
+        zero = (jnp.zeros((), pair[0].dtype), jnp.zeros((), _I32))
+        s_rows, c_rows = lax.reduce(pair, zero, add, axes_)
+        sums.append(jnp.sum(s_rows).astype(_F32).reshape(1))
+        counts.append(jnp.sum(c_rows).reshape(1))
+    leaves_axes = _collectives.leaf_axes(gs, axes)
+    total = jnp.sum(_collectives.combine(sums, leaves_axes, "sum"))
+    n = jnp.sum(_collectives.combine(counts, leaves_axes, "sum"))
+    post = jnp.where(jnp.isfinite(pre) & (pre > 0), safe * jnp.sqrt(total), pre)
+    return post.astype(_F32), n.astype(_I32)
+
+
+def _count(flags: jax.Array) -> jax.Array:
+    """Number of true ``flags`` (int32), a reduction XLA:CPU fuses and splits."""
+    x = flags.astype(_I32)
+    rows = _xla_cpu.split_rows(x)
+    return jnp.sum(x) if rows is None else jnp.sum(jnp.sum(rows, axis=1))
 
 
 def _short_names(cls, **fields: str):
@@ -130,11 +170,12 @@ class SpamClipState(NamedTuple):
     Attributes:
       spam_inner_state: the wrapped optimizer's state (its ``nu`` is the
         second moment the clip reads).
-      clip_stats: :class:`optax_clip.ClipStats` of the last step, in the
-        inf-norm (as :func:`optax_clip.clip_by_value`): ``pre_clip_norm`` and
-        ``post_clip_norm`` are the largest magnitude of the gradient before
-        and after the clip, ``clip_scale`` the smallest factor applied to a
-        coordinate, ``clip_threshold`` is ``theta``.
+      clip_stats: :class:`optax_clip.ClipStats` of the last step:
+        ``pre_clip_norm`` and ``post_clip_norm`` are the global 2-norms of the
+        gradient before and after the clip (what ``inner`` received),
+        ``clip_scale`` their ratio (not the smallest factor applied to a
+        coordinate, which would cost one more pass), ``clip_threshold`` is
+        ``theta``.
       spam_clipped_coords: number of coordinates clipped on the last step
         (int32). Key (and property) ``clipped_coordinates`` in
         :func:`optax_clip.get_stats`.
@@ -258,49 +299,59 @@ def spam_clip(
         leaves = _validation.float_leaves(updates)
         node = _second_moment(name, state.spam_inner_state)
         parts = _moments_per_leaf(name, updates, node.nu)
-        pre = _norms.global_norm(leaves, jnp.inf, axes)
+        pre = _norms.global_norm(leaves, 2.0, axes)
         nonfinite_step = ~jnp.isfinite(pre)
         threshold = _apply.threshold_array(theta, _F32, valid)
         root_theta = _sqrt0(threshold)  # NaN stays NaN
         root_theta = jnp.where(jnp.isnan(threshold), threshold, root_theta)
         active = node.count >= jnp.asarray(warmup_steps).astype(node.count.dtype)
 
-        treedef = jax.tree.structure(updates)
-        out, counts, min_scales = [], [], []
-        for g, v in zip(leaves, parts, strict=True):
-            if not isinstance(v, jax.Array) or g.size == 0:
-                out.append(g)  # masked out of the optimizer, or empty
-                continue
+        def decide(g, v):
+            """``(|g|, sqrt(theta * v), where to clip)`` in float32 or wider."""
             acc = _reduce.accumulation_dtype(g.dtype)
             a = jnp.abs(g).astype(acc)
             bound = root_theta.astype(acc) * _sqrt0(v.astype(acc))
             # ~(a <= bound): a NaN bound (an invalid traced theta) clips.
-            clip = active & (v > 0) & jnp.isfinite(a) & ~(a <= bound)
+            return a, bound, active & (v > 0) & jnp.isfinite(a) & ~(a <= bound)
+
+        # Leaves the optimizer holds a moment for (not masked out, not empty).
+        held = [
+            i
+            for i, (g, v) in enumerate(zip(leaves, parts, strict=True))
+            if isinstance(v, jax.Array) and g.size
+        ]
+        out = list(leaves)
+        for i in held:
+            g = leaves[i]
+            a, bound, clip = decide(g, parts[i])
             y = jnp.where(clip, _bounded(g, jnp.where(clip, a, 1), bound), g)
             if policy == "zero_update":
                 y = jnp.where(nonfinite_step, jnp.zeros_like(y), y)
-            out.append(y)
-            counts.append(jnp.sum(clip, dtype=_I32))
-            ratio = bound / jnp.where(clip, a, 1)
-            min_scales.append(jnp.min(jnp.where(clip, ratio, 1)).astype(_F32))
-        leaves_axes = _collectives.leaf_axes(
-            [
-                g
-                for g, v in zip(leaves, parts, strict=True)
-                if isinstance(v, jax.Array) and g.size
-            ],
-            axes,
+            out[i] = y
+        post, n_clipped = _spam_stats(
+            decide, [leaves[i] for i in held], [parts[i] for i in held], pre, axes
         )
-        post, n_clipped, smallest = _stats_of(
-            leaves_axes, out, pre, counts, min_scales, axes
-        )
-        clipped_tree = jax.tree.unflatten(treedef, out)
+        if len(held) < len(leaves):  # leaves passed through count as they are
+            rest = [g for i, g in enumerate(leaves) if i not in set(held)]
+            post = _norms.norm_of_values(
+                jnp.stack([post, _norms.global_norm(rest, 2.0, axes)]), 2.0
+            )
+        if policy == "zero_update":
+            zeroed = nonfinite_step
+            post = jnp.where(zeroed, 0.0, post)
+            n_clipped = jnp.where(zeroed, 0, n_clipped)
         new_updates, inner_state = inner.update(
-            clipped_tree, state.spam_inner_state, params, **extra_args
+            jax.tree.unflatten(jax.tree.structure(updates), out),
+            state.spam_inner_state,
+            params,
+            **extra_args,
         )
-        n_clipped = jnp.where(nonfinite_step & (policy == "zero_update"), 0, n_clipped)
+        # The factor the norm was reduced by (not the smallest per coordinate:
+        # one more full-size reduction).
+        reduced = jnp.where(pre > 0, post / jnp.where(pre > 0, pre, 1), 1.0)
+        reduced = jnp.where(nonfinite_step, post, reduced)
         applied = _apply.Applied(
-            None, pre, post, smallest, n_clipped > 0, nonfinite_step
+            None, pre, post, reduced, n_clipped > 0, nonfinite_step
         )
         stats = _apply.record(state.clip_stats, applied, threshold)
         return new_updates, SpamClipState(inner_state, stats, n_clipped.astype(_I32))
@@ -453,7 +504,7 @@ def adaclip(
             y = jnp.where(over, _apply._scaled(g, s_i), g)
             y = jnp.where(zero[i], jnp.full_like(y, fill), y)
             out.append(y)
-            count_parts.append(jnp.sum(over, dtype=_I32).reshape(1))
+            count_parts.append(_count(over).reshape(1))
             live.append(g)
         if count_parts:
             leaves_axes = _collectives.leaf_axes(live, axes)

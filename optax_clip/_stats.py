@@ -350,9 +350,10 @@ def get_stats(
       step, int32).
     * ``spam_clip``, ``adaclip``: ``clipped_coordinates`` (coordinates
       clipped on the last step, int32); ``adaclip`` also ``adaclip_steps``
-      (finite steps seen, int32). Both report their norms as the largest
-      magnitude (like ``clip_by_value``); ``clip_threshold`` is ``theta`` for
-      ``spam_clip`` and the largest leaf threshold for ``adaclip``.
+      (finite steps seen, int32). ``adaclip`` reports its norms as the
+      largest magnitude (like ``clip_by_value``) and the largest leaf
+      threshold as ``clip_threshold``; ``spam_clip`` its 2-norms and
+      ``theta``.
 
     The guards (``skip_nonfinite``, ``skip_on_spike``) skip steps rather
     than clip them, and report:
