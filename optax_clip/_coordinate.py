@@ -268,8 +268,8 @@ def spam_clip(
       >>> _, state = tx.update(jnp.array([1e4, 1.0]), state)  # a spike in one entry
       >>> int(state.clipped_coordinates)
       1
-      >>> state.clip_stats.post_clip_norm  # 1e4 entered Adam as sqrt(100 * 0.271)
-      Array(5.2057657, dtype=float32)
+      >>> state.clip_stats.post_clip_norm  # 1e4 entered as sqrt(100 * 0.271) = 5.21
+      Array(5.3009434, dtype=float32)
 
     References:
       Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable
