@@ -121,10 +121,15 @@ def _spam_stats(decide, gs, vs, pre, axes):
         return jnp.zeros((), _F32), jnp.zeros((), _I32)
     pre = lax.stop_gradient(pre)  # statistics: no gradient (nor JVP rule)
     safe = jnp.where(jnp.isfinite(pre) & (pre > 0), pre, 1.0).astype(_F32)
+    # 1 / pre as a power of two times a number in (1, 2]: no subnormal (a
+    # plain 1 / 3e38 is flushed to 0), and multiplications in the loop.
+    f1, f2 = _norms.pow2_factors(_norms.exponent(safe), safe.dtype)
+    inv = 1.0 / ((safe * f1) * f2)
     sums, counts = [], []
     for g, v in zip(gs, vs, strict=True):
         a, bound, clip = lax.stop_gradient(decide(g, v))
-        m = _apply.divide_by_scalar(jnp.where(clip, bound, a), safe.astype(a.dtype))
+        c1, c2, c3 = (x.astype(a.dtype) for x in (f1, f2, inv))
+        m = lax.mul(lax.mul(lax.mul(jnp.where(clip, bound, a), c1), c2), c3)
         pair = (lax.mul(m, m), clip.astype(_I32))
         rows = [_xla_cpu.split_rows(x) for x in pair]
         if rows[0] is not None:
