@@ -244,9 +244,12 @@ def spam_clip(
     a step and keep the moments, put the whole wrapper inside
     :func:`optax_clip.skip_nonfinite`.
 
-    **Cost.** An elementwise pass over the gradient and :math:`v` that XLA
-    fuses with Adam's moment update, plus the statistics' reductions (largest
-    magnitude before and after, number of clipped coordinates).
+    **Cost.** An elementwise pass over the gradient and :math:`v`, the
+    pre-clip norm, and one more pass for the statistics (post-clip norm and
+    clipped coordinates). On a loaded 2-core CPU, one optimizer step of
+    ``spam_clip(adamw)`` took 3.4 to 5.7 times AdamW's alone at 5.3M float32
+    values (``python -m benchmarks.coordinate_clip timing``); not measured on
+    an accelerator.
 
     Args:
       inner: the optimizer to wrap (see above for which).
