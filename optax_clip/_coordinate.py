@@ -26,6 +26,7 @@ from optax_clip import (
     _collectives,
     _guards,
     _norms,
+    _plan,
     _reduce,
     _validation,
     _xla_cpu,
@@ -131,6 +132,10 @@ def _spam_stats(decide, gs, vs, pre, axes):
         c1, c2, c3 = (x.astype(a.dtype) for x in (f1, f2, inv))
         m = lax.mul(lax.mul(lax.mul(jnp.where(clip, bound, a), c1), c2), c3)
         pair = (lax.mul(m, m), clip.astype(_I32))
+        if not _plan.is_local(g):  # sharded: reductions the partitioner splits
+            sums.append(jnp.sum(pair[0]).astype(_F32).reshape(1))
+            counts.append(jnp.sum(pair[1]).reshape(1))
+            continue
         rows = [_xla_cpu.split_rows(x) for x in pair]
         if rows[0] is not None:
             pair, axes_ = tuple(rows), (1,)
@@ -154,7 +159,7 @@ def _spam_stats(decide, gs, vs, pre, axes):
 def _count(flags: jax.Array) -> jax.Array:
     """Number of true ``flags`` (int32), a reduction XLA:CPU fuses and splits."""
     x = flags.astype(_I32)
-    rows = _xla_cpu.split_rows(x)
+    rows = _xla_cpu.split_rows(x) if _plan.is_local(x) else None
     return jnp.sum(x) if rows is None else jnp.sum(jnp.sum(rows, axis=1))
 
 
