@@ -187,6 +187,7 @@ def variants(names: list[str] | None = None) -> dict[str, tuple[Any, bool]]:
         "clip_by_global_norm": lambda: oc.clip_by_global_norm(MAX_NORM),
         "clip_by_block_norm": lambda: oc.clip_by_block_norm(MAX_NORM),
         "clip_by_block_rms": lambda: oc.clip_by_block_rms(MAX_NORM),
+        "clip_by_spectral_norm": lambda: oc.clip_by_spectral_norm(MAX_NORM),
         "clip_by_value": lambda: oc.clip_by_value(1.0),
         "soft_clip_by_global_norm": lambda: oc.soft_clip_by_global_norm(MAX_NORM),
         "autoclip": lambda: oc.autoclip(10.0, history=16, max_norm=MAX_NORM),

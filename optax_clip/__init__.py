@@ -18,7 +18,12 @@ from optax_clip._adaptive import (
     suggest_max_norm,
     zclip,
 )
-from optax_clip._agc import AdaptiveGradClipState, adaptive_grad_clip
+from optax_clip._agc import (
+    AdaptiveGradClipState,
+    adaptive_grad_clip,
+    unitwise_clip,
+    unitwise_norm,
+)
 from optax_clip._coordinate import AdaClipState, SpamClipState, adaclip, spam_clip
 from optax_clip._guards import (
     SkipNonfiniteState,
@@ -26,7 +31,12 @@ from optax_clip._guards import (
     skip_nonfinite,
     skip_on_spike,
 )
+from optax_clip._per_example import (
+    per_example_global_norm_clip,
+    per_example_layer_norm_clip,
+)
 from optax_clip._skippable import adam, adamw, scale_by_adam, sgd
+from optax_clip._spectral import ClipBySpectralNormState, clip_by_spectral_norm
 from optax_clip._static import (
     ClipByBlockNormState,
     ClipByBlockRMSState,
@@ -52,6 +62,7 @@ __all__ = (
     "ClipByBlockNormState",
     "ClipByBlockRMSState",
     "ClipByGlobalNormState",
+    "ClipBySpectralNormState",
     "ClipByValueState",
     "ClipStats",
     "MaxNormSuggestion",
@@ -70,8 +81,11 @@ __all__ = (
     "clip_by_block_norm",
     "clip_by_block_rms",
     "clip_by_global_norm",
+    "clip_by_spectral_norm",
     "clip_by_value",
     "get_stats",
+    "per_example_global_norm_clip",
+    "per_example_layer_norm_clip",
     "scale_by_adam",
     "sgd",
     "skip_nonfinite",
@@ -79,5 +93,7 @@ __all__ = (
     "soft_clip_by_global_norm",
     "spam_clip",
     "suggest_max_norm",
+    "unitwise_clip",
+    "unitwise_norm",
     "zclip",
 )

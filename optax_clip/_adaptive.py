@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_clip import _apply, _norms, _validation
+from optax_clip import _apply, _fail_fast, _norms, _validation
 from optax_clip._stats import ClipStats, count_if, init_clip_stats
 
 _F32 = jnp.float32
@@ -175,7 +175,8 @@ def autoclip(
         :func:`optax.inject_hyperparams`, list it in ``static_args``).
       max_norm: optional upper bound on the threshold (default ``inf``).
       norm_type: ``"l2"`` (default), ``"l1"`` or ``"inf"``.
-      nonfinite: ``"propagate"`` (default) or ``"zero_update"``; see
+      nonfinite: ``"propagate"`` (default), ``"zero_update"``
+        or ``"raise"``; see
         :func:`optax_clip.clip_by_global_norm`.
       axis_name: mapped axes over which the update is sharded (see
         :func:`optax_clip.clip_by_global_norm`).
@@ -232,7 +233,8 @@ def autoclip(
         applied = _apply.apply_global(updates, norm, threshold, policy)
         return _recorded(applied, next_state, state, level, valid, finite)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return _fail_fast.wrap(tx, policy, "autoclip", axes)
 
 
 # --------------------------------------------------------------------------
@@ -418,7 +420,8 @@ def zclip(
         reference suggests 0.3 to 0.7 for more aggressive clipping).
       eps: added to :math:`\sigma` in the z-score (>= 0).
       freeze_ema_on_spike: do not update the EMAs on spikes.
-      nonfinite: ``"propagate"`` (default) or ``"zero_update"``; see
+      nonfinite: ``"propagate"`` (default), ``"zero_update"``
+        or ``"raise"``; see
         :func:`optax_clip.clip_by_global_norm`.
       axis_name: mapped axes over which the update is sharded (see
         :func:`optax_clip.clip_by_global_norm`).
@@ -488,7 +491,8 @@ def zclip(
         )
         return _recorded(applied, next_state, state, level, valid, finite)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return _fail_fast.wrap(tx, policy, "zclip", axes)
 
 
 # --------------------------------------------------------------------------
@@ -542,6 +546,9 @@ class _AdaGCParams(NamedTuple):
     clip_ratio: jax.Array
     beta: jax.Array
     warmup_steps: jax.Array
+    # The largest factor a reference may fall by in one warm-up step (None:
+    # unbounded, the authors' rule).
+    warmup_max_drop: jax.Array | None = None
 
 
 def _adagc_decide(state: AdaGCState, n, gnorm, finite, hp: _AdaGCParams):
@@ -574,7 +581,10 @@ def _adagc_decide(state: AdaGCState, n, gnorm, finite, hp: _AdaGCParams):
     ref = jnp.where(first, n, gammas)  # warmup_steps=0: start from the norm
     local = hp.clip_ratio * ref
     thresholds = jnp.where(warm, warm_norms, local)
-    warm_gamma = jnp.where(first, warm_norms, jnp.minimum(gammas, warm_norms))
+    lower = warm_norms
+    if hp.warmup_max_drop is not None:  # a spike shrinks gamma by this at most
+        lower = jnp.maximum(warm_norms, gammas / hp.warmup_max_drop)
+    warm_gamma = jnp.where(first, warm_norms, jnp.minimum(gammas, lower))
     ema = hp.beta * ref + (1 - hp.beta) * jnp.minimum(n, local)
     n_clipped = jnp.sum(~warm & (n > local), dtype=_I32)
     level = jnp.where(warm, hp.cap, _norms.norm_of_values(thresholds, 2.0))
@@ -594,6 +604,7 @@ def adagc(
     beta: jax.typing.ArrayLike = 0.99,
     warmup_steps: jax.typing.ArrayLike = 100,
     *,
+    warmup_max_drop: jax.typing.ArrayLike | None = None,
     nonfinite: _validation.NonFinitePolicy = "propagate",
     axis_name: _validation.AxisName = None,
 ) -> optax.GradientTransformation:
@@ -626,6 +637,19 @@ def adagc(
     was exactly zero for long enough) is zeroed from then on, as in the
     reference.
 
+    **The warm-up trap.** During warm-up :math:`\gamma_i` is a minimum of
+    *globally* clipped norms, so a single step on which one tensor spikes
+    divides every other tensor's :math:`\gamma_i` by the factor the global
+    clip applied; afterwards :math:`\gamma_i` grows by at most
+    :math:`\beta + (1 - \beta)\lambda_{rel}` (0.04 % with the defaults) a
+    step, so those tensors are clipped on every step for thousands of steps.
+    The authors' code does the same: it is the algorithm. ``warmup_max_drop``
+    bounds the fall of a reference in one warm-up step,
+    :math:`\gamma_i \leftarrow \min(\gamma_i, \max(\lVert \hat g_i
+    \rVert, \gamma_i / r))`, so a spike costs a factor :math:`r` at most
+    (measured in the guide to choosing a method, with
+    ``python -m benchmarks.adagc_trap``).
+
     Defaults are those of the authors' reference implementation
     (github.com/lishuai-97/AdaGC, Megatron patch: ``clip_ratio=1.04``,
     ``beta=0.99``, ``start_clip_steps=100``, global clip 1.0). Third-party ports
@@ -640,7 +664,11 @@ def adagc(
       beta: EMA factor :math:`\beta`, in ``[0, 1)`` (default 0.99).
       warmup_steps: number of warm-up steps (an integer >= 0; default 100).
         May be traced by :func:`optax.inject_hyperparams`.
-      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+      warmup_max_drop: ``None`` (default: the authors' rule) or :math:`r \ge
+        1`, the largest factor by which a reference may fall in one warm-up
+        step (see the warm-up trap above; ``1.04`` in our measurement).
+      nonfinite: ``"propagate"`` (default), ``"zero_update"``
+        or ``"raise"``.
       axis_name: mapped axes over which leaves are sharded; each tensor's norm
         is then its global norm (see :func:`optax_clip.clip_by_block_norm`).
 
@@ -669,6 +697,11 @@ def adagc(
         _validation.positive("clip_ratio", clip_ratio),
         _validation.in_range("beta", beta, 0.0, 1.0),
         _validation.count("warmup_steps", warmup_steps, minimum=0),
+        True
+        if warmup_max_drop is None
+        else _validation.in_range(
+            "warmup_max_drop", warmup_max_drop, 1.0, math.inf, closed_high=True
+        ),
     )
     policy = _validation.policy(nonfinite)
     axes = _validation.axis_name(axis_name)
@@ -706,13 +739,17 @@ def adagc(
             clip_ratio=jnp.asarray(clip_ratio, _F32),
             beta=jnp.asarray(beta, _F32),
             warmup_steps=jnp.asarray(warmup_steps, _I32),
+            warmup_max_drop=None
+            if warmup_max_drop is None
+            else jnp.asarray(warmup_max_drop, _F32),
         )
         thresholds, level, next_state = _adagc_decide(state, n, gnorm, finite, hp)
         thresholds = _validation.nan_unless(valid, thresholds.astype(norms.dtype))
         applied = _apply.apply_per_leaf(updates, norms, thresholds, policy, 2.0)
         return _recorded(applied, next_state, state, level, valid, finite)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return _fail_fast.wrap(tx, policy, "adagc", axes)
 
 
 # --------------------------------------------------------------------------

@@ -13,9 +13,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from optax_clip import _apply, _norms, _validation
+from optax_clip import _apply, _fail_fast, _norms, _validation
 from optax_clip._stats import ClipStats, init_clip_stats
 
 _F32 = jnp.float32
@@ -39,18 +40,22 @@ class AdaptiveGradClipState(NamedTuple):
     _stats_fields = ("clipped_units",)
 
 
-def _unit_axes(shape: tuple[int, ...], axis: tuple[int, ...] | None):
+def _unit_axes(
+    shape: tuple[int, ...],
+    axis: tuple[int, ...] | None,
+    name: str = "adaptive_grad_clip",
+):
     """Reduction axes of one unit (the NFNets / optax conventions)."""
     ndim = len(shape)
     if axis is not None:
         if any(not -ndim <= a < ndim for a in axis):
             raise ValueError(
-                f"adaptive_grad_clip: axis {axis} is out of bounds for a "
+                f"{name}: axis {axis} is out of bounds for a "
                 f"parameter of shape {shape}."
             )
         axes = tuple(sorted({a % ndim for a in axis}))
         if len(axes) != len(axis):
-            raise ValueError(f"adaptive_grad_clip: repeated axis in {axis}.")
+            raise ValueError(f"{name}: repeated axis in {axis}.")
         return axes
     if ndim == 0:
         return ()
@@ -63,7 +68,7 @@ def _unit_axes(shape: tuple[int, ...], axis: tuple[int, ...] | None):
     if ndim == 5:  # conv3d kernels DHWIO
         return (0, 1, 2, 3)
     raise ValueError(
-        f"adaptive_grad_clip: no default unit for a parameter of shape {shape}; "
+        f"{name}: no default unit for a parameter of shape {shape}; "
         "pass axis= (the axes one unit's norm is taken over)."
     )
 
@@ -136,7 +141,8 @@ def adaptive_grad_clip(
         zero-initialised parameters can move (>= 0; default 1e-3).
       axis: axis or axes one unit's norm is taken over, for every leaf (a
         static argument; default: the conventions above).
-      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+      nonfinite: ``"propagate"`` (default), ``"zero_update"``
+        or ``"raise"``.
 
     Returns:
       An :class:`optax.GradientTransformation` whose state is an
@@ -212,4 +218,145 @@ def adaptive_grad_clip(
         stats = _apply.record(state.clip_stats, applied, shown)
         return applied.updates, AdaptiveGradClipState(stats, clipped)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return _fail_fast.wrap(tx, policy, "adaptive_grad_clip")
+
+
+def _static_axis(name: str, axis) -> tuple[int, ...] | None:
+    """``axis`` as a tuple of ints (or None); raises for anything else."""
+    if axis is None:
+        return None
+    if _validation.is_traced(axis):
+        raise TypeError(f"{name}: axis must be static (Python ints).")
+    axis = (axis,) if not isinstance(axis, (tuple, list)) else tuple(axis)
+    if not all(isinstance(a, int) and not isinstance(a, bool) for a in axis):
+        raise TypeError(
+            f"{name}: axis must be an int or a tuple of ints, got {axis!r}."
+        )
+    return axis
+
+
+def unitwise_norm(
+    x: jax.typing.ArrayLike,
+    axis: int | tuple[int, ...] | None = None,
+    *,
+    keepdims: bool = False,
+) -> jax.Array:
+    r"""The 2-norm of each unit of ``x``, as AGC measures it, without overflow.
+
+    A unit is a slice of ``x`` over ``axis``; by default (as in
+    :func:`optax.transforms.unitwise_norm` and :func:`adaptive_grad_clip`) scalars and
+    vectors (also ``(1, n)``-shaped) are one unit, 2-D and 3-D arrays reduce
+    over axis 0, 4-D (HWIO) over ``(0, 1, 2)`` and 5-D (DHWIO) over
+    ``(0, 1, 2, 3)``:
+
+    .. math::
+
+      \lVert x_u \rVert_2 = \Big(\sum_{i \in u} |x_i|^2\Big)^{1/2}
+
+    Differences from :func:`optax.transforms.unitwise_norm`: the sums are accumulated in
+    float32 (float64 for float64 input) and returned in that dtype, never in
+    bf16 or fp16; they never overflow (a unit holding 1e20 in float32 has norm
+    1e20, where optax's is ``inf``); the norm of a zero unit is 0 with a finite
+    gradient; an ``axis`` out of bounds raises instead of wrapping around.
+
+    Args:
+      x: an array (floating-point or complex).
+      axis: axis or axes one unit spans (static); default: the conventions
+        above (other ranks need it).
+      keepdims: ``False`` (default, as optax): the norms broadcast to
+        ``x.shape``; ``True``: the compact form, size 1 along ``axis``.
+
+    Returns:
+      The unit norms (float32, or float64 for float64 input).
+
+    Example:
+      >>> import jax.numpy as jnp, optax_clip
+      >>> w = jnp.array([[3.0, 1e20], [4.0, 0.0]])  # an (in, out) kernel
+      >>> optax_clip.unitwise_norm(w)  # one norm per column; optax: 5, inf
+      Array([[5.e+00, 1.e+20],
+             [5.e+00, 1.e+20]], dtype=float32)
+      >>> optax_clip.unitwise_norm(w, keepdims=True).shape
+      (1, 2)
+
+    References:
+      Brock et al., `High-Performance Large-Scale Image Recognition Without
+      Normalization <https://arxiv.org/abs/2102.06171>`_, 2021
+    """
+    x = jnp.asarray(x)
+    _validation.float_leaves(x)
+    keepdims = _validation.flag("keepdims", keepdims)
+    axes = _unit_axes(x.shape, _static_axis("unitwise_norm", axis), "unitwise_norm")
+    (norm,) = _norms.unit_norms([x], [axes])
+    return norm if keepdims else jnp.broadcast_to(norm, x.shape)
+
+
+def unitwise_clip(
+    g_norm: jax.typing.ArrayLike,
+    max_norm: jax.typing.ArrayLike,
+    grad: jax.typing.ArrayLike,
+) -> jax.Array:
+    r"""Scales each unit of ``grad`` to norm at most ``max_norm``.
+
+    .. math::
+
+      g_u \leftarrow g_u \cdot \min\left(1,
+      \frac{m_u}{\lVert g_u \rVert}\right)
+
+    with ``g_norm`` the units' norms (from :func:`unitwise_norm`, either
+    form) and ``max_norm`` their limits (e.g. ``clipping * max(param norm,
+    eps)`` for AGC), both broadcast to ``grad``'s shape. The same result as
+    :func:`optax.transforms.unitwise_clip` on ordinary inputs, with these differences:
+    where ``g_norm <= max_norm`` the unit is returned exactly (optax keeps it
+    only where ``<``); the scale is divided only where it clips, so no
+    ``div_eps`` is needed and the value and its gradient are finite at zero;
+    a scale below float32's normal range (a norm of 1e30 clipped to 1e-10) is
+    not flushed to zero; bf16 and fp16 units are scaled in float32 and rounded
+    toward zero, so a clipped unit stays within its limit. A NaN norm or limit
+    makes its unit NaN.
+
+    Args:
+      g_norm: the unit norms of ``grad`` (broadcastable to its shape).
+      max_norm: the limits (>= 0; broadcastable to ``grad``'s shape). A
+        concrete negative or NaN limit raises.
+      grad: the gradient (floating-point).
+
+    Returns:
+      ``grad`` with each unit clipped, in ``grad``'s dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, optax_clip
+      >>> g = jnp.array([[3.0, 0.3], [4.0, 0.4]])
+      >>> n = optax_clip.unitwise_norm(g, keepdims=True)  # [[5, 0.5]]
+      >>> optax_clip.unitwise_clip(n, 1.0, g)  # column 0 to norm 1
+      Array([[0.6, 0.3],
+             [0.8, 0.4]], dtype=float32)
+
+    References:
+      Brock et al., `High-Performance Large-Scale Image Recognition Without
+      Normalization <https://arxiv.org/abs/2102.06171>`_, 2021
+    """
+    grad = jnp.asarray(grad)
+    _validation.float_leaves(grad)
+    if not _validation.is_traced(max_norm):
+        m = np.asarray(max_norm, np.float64)
+        if np.any(np.isnan(m)) or np.any(m < 0):
+            raise ValueError("unitwise_clip: max_norm must be >= 0 and not NaN.")
+    shapes = (jnp.shape(g_norm), jnp.shape(max_norm))
+    for what, shape in zip(("g_norm", "max_norm"), shapes, strict=True):
+        try:
+            target = jnp.broadcast_shapes(shape, grad.shape)
+        except ValueError:
+            target = None
+        if target != grad.shape:
+            raise ValueError(
+                f"unitwise_clip: {what} of shape {shape} does not broadcast to "
+                f"grad's shape {grad.shape}."
+            )
+    norm = jnp.asarray(g_norm)
+    norm = norm.astype(jnp.promote_types(norm.dtype, jnp.float32))
+    shape = jnp.broadcast_shapes(norm.shape, jnp.shape(max_norm))
+    norm = jnp.broadcast_to(norm, shape)
+    limit = jnp.broadcast_to(jnp.asarray(max_norm, norm.dtype), shape)
+    num, den, _ = _apply.clip_factor(norm, limit)
+    return _apply.scale_leaf(grad, _apply.make_scale(num, den))

@@ -24,10 +24,12 @@ from jax import lax
 from optax_clip import (
     _apply,
     _collectives,
+    _fail_fast,
     _guards,
     _norms,
     _plan,
     _reduce,
+    _skippable,
     _validation,
     _xla_cpu,
 )
@@ -245,7 +247,9 @@ def spam_clip(
     Non-finite policy: with ``"propagate"`` NaN and Inf coordinates pass to
     ``inner`` unchanged (never silently clipped to a finite value); with
     ``"zero_update"`` a step with any NaN or Inf passes zeros to ``inner``
-    (as ``chain(clip(nonfinite="zero_update"), inner)`` would). To skip such
+    (as ``chain(clip(nonfinite="zero_update"), inner)`` would); ``"raise"``
+    is ``"propagate"`` that also raises on such a step (see
+    :func:`optax_clip.clip_by_global_norm`). To skip such
     a step and keep the moments, put the whole wrapper inside
     :func:`optax_clip.skip_nonfinite`.
 
@@ -264,7 +268,7 @@ def spam_clip(
         (an integer >= 0; default 20, the reference's ``grad_accu_steps``,
         which starts the clip at the 20th step after each reset and one step
         earlier on the very first cycle).
-      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+      nonfinite: ``"propagate"`` (default), ``"zero_update"`` or ``"raise"``.
       axis_name: mapped axes over which the update is sharded; only the
         statistics reduce across them (the clip is per coordinate).
 
@@ -367,6 +371,10 @@ def spam_clip(
             None, pre, post, reduced, n_clipped > 0, nonfinite_step
         )
         stats = _apply.record(state.clip_stats, applied, threshold)
+        if policy == "raise":  # inside a guard, the guard's skip wins
+            skip = _skippable.active_skip()
+            bad = nonfinite_step if skip is None else nonfinite_step & ~skip
+            _fail_fast.check(name, updates, bad, axes)
         return new_updates, SpamClipState(inner_state, stats, n_clipped.astype(_I32))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -441,12 +449,12 @@ def adaclip(
     Non-finite policy: a step with any NaN or Inf leaves the EMA and the step
     count as they were. With ``"propagate"`` only a leaf whose own values
     hold a NaN or Inf comes out as all NaN; with ``"zero_update"`` the whole
-    update becomes zeros.
+    update becomes zeros; ``"raise"`` is ``"propagate"`` that also raises.
 
     Args:
       theta: :math:`\theta`, the EMA decay, in ``[0, 1)`` (default 0.999,
         Stable-SPAM's). May be traced by :func:`optax.inject_hyperparams`.
-      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+      nonfinite: ``"propagate"`` (default), ``"zero_update"`` or ``"raise"``.
       axis_name: mapped axes over which leaves are sharded; each leaf's
         maximum is then that of the whole leaf.
 
@@ -550,4 +558,5 @@ def adaclip(
         )
         return jax.tree.unflatten(treedef, out), new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return _fail_fast.wrap(tx, policy, "adaclip", axes)

@@ -325,6 +325,23 @@ def norm_of_values(values: jax.Array, norm_type: float) -> jax.Array:
     return _root(m, jnp.sum(a * a if norm_type == 2.0 else a), norm_type, e)
 
 
+def norm_of_rows(values: jax.Array) -> jax.Array:
+    """The 2-norm of each column of ``values`` (rows combined), always rescaled.
+
+    ``values[i, j]``: the norm of part ``i`` of item ``j`` (e.g. leaf ``i`` of
+    example ``j``); the result holds one norm per item, combined as
+    :func:`norm_of_values` combines a vector, column by column.
+    """
+    v = jnp.abs(values.astype(jnp.result_type(values, jnp.float32)))
+    if v.shape[0] == 0:
+        return jnp.zeros(v.shape[1:], v.dtype)
+    m = jnp.max(v, axis=0)  # NaN propagates
+    e = exponent(m)
+    f1, f2 = pow2_factors(e, v.dtype)
+    a = v * f1 * f2
+    return _root(m, jnp.sum(a * a, axis=0), 2.0, e)
+
+
 def norm_of_arrays(arrays: Sequence[jax.Array], norm_type: float) -> jax.Array:
     """:func:`norm_of_values` of all the values of a few small arrays.
 

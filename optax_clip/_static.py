@@ -11,11 +11,11 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax_clip import _apply, _collectives, _norms, _validation
+from optax_clip import _apply, _collectives, _fail_fast, _norms, _validation
 from optax_clip._stats import ClipStats, init_clip_stats
 
 
-def _fixed_threshold(state_cls, initial_threshold, step):
+def _fixed_threshold(state_cls, initial_threshold, step, policy="propagate", axes=()):
     """A transform whose ``step(updates)`` returns ``(applied, threshold)``.
 
     The measure, decide and apply steps are in ``step``; the state holds only
@@ -32,7 +32,8 @@ def _fixed_threshold(state_cls, initial_threshold, step):
         stats = _apply.record(state.clip_stats, applied, threshold)
         return applied.updates, state_cls(stats)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return _fail_fast.wrap(tx, policy, state_cls._stats_name, axes)
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -82,9 +83,12 @@ def clip_by_global_norm(
     Non-finite policy: with ``"propagate"`` a step whose updates hold a NaN or
     Inf comes out entirely NaN (optax would sometimes return zeros, hiding the
     bad step), so that a guard downstream sees it; with ``"zero_update"`` it
-    comes out as zeros. Either way the step is counted. To also keep the state
-    of a following optimizer untouched, wrap the whole chain in
-    :func:`optax_clip.skip_nonfinite`.
+    comes out as zeros; with ``"raise"`` it comes out NaN as with
+    ``"propagate"`` and the call raises (under ``jit`` as a
+    :class:`jax.errors.JaxRuntimeError` whose message names the transform and
+    the leaves holding NaN or Inf; see the numerics guide). Either way the step
+    is counted. To also keep the state of a following optimizer untouched,
+    wrap the whole chain in :func:`optax_clip.skip_nonfinite`.
 
     Args:
       max_norm: the largest global norm allowed (a scalar >= 0; ``inf``
@@ -94,7 +98,8 @@ def clip_by_global_norm(
         by :func:`optax.inject_hyperparams`; a number must be listed in its
         ``static_args``).
       nonfinite: what a step whose updates hold a NaN or Inf becomes:
-        ``"propagate"`` (default) or ``"zero_update"``.
+        ``"propagate"`` (default), ``"zero_update"``
+        or ``"raise"``.
       axis_name: name (or tuple of names) of the mapped axes (``pmap``,
         ``shard_map``) over which the update is sharded; the norm is then
         global across devices. Leave ``None`` under plain or sharded ``jit``.
@@ -125,7 +130,7 @@ def clip_by_global_norm(
         threshold = _apply.threshold_array(max_norm, norm.dtype, valid)
         return _apply.apply_global(updates, norm, threshold, policy), threshold
 
-    return _fixed_threshold(ClipByGlobalNormState, max_norm, step)
+    return _fixed_threshold(ClipByGlobalNormState, max_norm, step, policy, axes)
 
 
 class ClipByBlockNormState(NamedTuple):
@@ -171,7 +176,8 @@ def clip_by_block_norm(
         ``1`` and ``float("inf")`` are accepted too (a string is never traced
         by :func:`optax.inject_hyperparams`; a number must be listed in its
         ``static_args``).
-      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+      nonfinite: ``"propagate"`` (default), ``"zero_update"``
+        or ``"raise"``.
       axis_name: mapped axes over which leaves are sharded (see
         :func:`clip_by_global_norm`); each leaf's norm is then its global norm.
 
@@ -201,7 +207,7 @@ def clip_by_block_norm(
         thresholds = jnp.broadcast_to(threshold, norms.shape)
         return _apply.apply_per_leaf(updates, norms, thresholds, policy, p), threshold
 
-    return _fixed_threshold(ClipByBlockNormState, max_norm, step)
+    return _fixed_threshold(ClipByBlockNormState, max_norm, step, policy, axes)
 
 
 class ClipByBlockRMSState(NamedTuple):
@@ -256,7 +262,8 @@ def clip_by_block_rms(
 
     Args:
       max_rms: the largest root-mean-square allowed for each leaf (>= 0).
-      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+      nonfinite: ``"propagate"`` (default), ``"zero_update"``
+        or ``"raise"``.
       axis_name: mapped axes over which leaves are sharded (see
         :func:`clip_by_global_norm`); each leaf's RMS is then that of the
         whole leaf.
@@ -292,7 +299,7 @@ def clip_by_block_rms(
         applied = _apply.apply_per_leaf(updates, norms, thresholds, policy, 2.0)
         return applied, threshold
 
-    return _fixed_threshold(ClipByBlockRMSState, max_rms, step)
+    return _fixed_threshold(ClipByBlockRMSState, max_rms, step, policy, axes)
 
 
 class ClipByValueState(NamedTuple):
@@ -345,7 +352,8 @@ def clip_by_value(
       max_delta: bound on the magnitude of each element (a scalar >= 0).
       min_value: lower bound of the asymmetric form.
       max_value: upper bound of the asymmetric form (``>= min_value``).
-      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+      nonfinite: ``"propagate"`` (default), ``"zero_update"``
+        or ``"raise"``.
       axis_name: mapped axes over which the update is sharded; only used to
         make the statistics global (the clip itself is element-wise).
 
@@ -404,7 +412,7 @@ def clip_by_value(
         return applied, jnp.maximum(-lo, hi)
 
     lo, hi = bounds(jnp.float32)
-    return _fixed_threshold(ClipByValueState, jnp.maximum(-lo, hi), step)
+    return _fixed_threshold(ClipByValueState, jnp.maximum(-lo, hi), step, policy, axes)
 
 
 class SoftClipByGlobalNormState(NamedTuple):
@@ -483,7 +491,8 @@ def soft_clip_by_global_norm(
         ``1`` and ``float("inf")`` are accepted too (a string is never traced
         by :func:`optax.inject_hyperparams`; a number must be listed in its
         ``static_args``).
-      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+      nonfinite: ``"propagate"`` (default), ``"zero_update"``
+        or ``"raise"``.
       axis_name: mapped axes over which the update is sharded (see
         :func:`clip_by_global_norm`).
 
@@ -518,4 +527,4 @@ def soft_clip_by_global_norm(
         threshold = _apply.threshold_array(max_norm, norm.dtype, valid)
         return _apply.apply_global(updates, norm, threshold, policy, factor), threshold
 
-    return _fixed_threshold(SoftClipByGlobalNormState, max_norm, step)
+    return _fixed_threshold(SoftClipByGlobalNormState, max_norm, step, policy, axes)

@@ -355,6 +355,13 @@ def get_stats(
       threshold as ``clip_threshold``; ``spam_clip`` its 2-norms and
       ``theta``.
 
+    ``clip_by_spectral_norm`` reports spectral norms (``pre_clip_norm`` and
+    ``post_clip_norm`` are the largest top singular value over its matrices
+    and vectors, before and after) and adds ``clipped_matrices`` (matrices,
+    each of a stack counted, whose estimated top singular value exceeded
+    ``max_norm`` on the last step, int32) and ``matrix_clip_fraction`` (that
+    count over the number of matrices, float32).
+
     The guards (``skip_nonfinite``, ``skip_on_spike``) skip steps rather
     than clip them, and report:
 

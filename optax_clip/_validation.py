@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 #: What a step whose updates hold a NaN or Inf becomes.
-NonFinitePolicy = Literal["propagate", "zero_update"]
+NonFinitePolicy = Literal["propagate", "zero_update", "raise"]
 #: A norm: ``"l2"``, ``"l1"`` or ``"inf"`` (or the numbers 2, 1, ``inf``).
 NormType = Literal["l1", "l2", "inf"] | float
 #: The name (or names) of the mapped axes a transform reduces over.
 AxisName = str | tuple[str, ...] | None
-NONFINITE_POLICIES = ("propagate", "zero_update")
+NONFINITE_POLICIES = ("propagate", "zero_update", "raise")
 
 #: ``True`` for a concrete value that passed its check, else a traced bool.
 Valid = bool | jax.Array

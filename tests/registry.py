@@ -88,6 +88,18 @@ CASES: list[Case] = [
         bound=None,  # per leaf: max_rms * sqrt(leaf size)
     ),
     Case(
+        "clip_by_spectral_norm",
+        oc.clip_by_spectral_norm,
+        {"max_norm": 1.0},
+        threshold="max_norm",
+        # The contract trees: a 4x3 matrix (Frobenius norm at most sqrt(3)
+        # times its top singular value, clipped to max_norm), a vector and a
+        # scalar (clipped by their norms). The top singular value is estimated
+        # from below, which tests/test_spectral.py bounds.
+        bound=lambda kw: kw["max_norm"] * 5**0.5,
+        inject_static=("power_iters", "ns_steps"),
+    ),
+    Case(
         "clip_by_value",
         oc.clip_by_value,
         {"max_delta": 1.0},

@@ -163,6 +163,22 @@ def test_nonfinite_policy(case, bad, policy):
     assert all_finite(out2)
 
 
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if not c.wrapper], ids=lambda c: c.name
+)
+def test_nonfinite_raise(case):
+    # A finite step is exactly the "propagate" step; a non-finite one raises
+    # under jit, naming the transform and the leaf.
+    good = tree(seed=1)
+    out, _ = run(case, good, nonfinite="raise")
+    chex.assert_trees_all_equal(out, run(case, good)[0])
+    grads = tree()
+    grads["b"] = grads["b"].at[1].set(jnp.nan)
+    text = rf"optax_clip\.{case.name}\(nonfinite='raise'\).* 1 of 3 leaves: \['b'\]"
+    with pytest.raises(Exception, match=text):
+        jax.block_until_ready(run(case, grads, nonfinite="raise"))
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize(
     "dtype,big", [(jnp.float32, 1e30), (jnp.bfloat16, 1e30), (jnp.float16, 300.0)]

@@ -450,7 +450,7 @@ _FIXED = {
     "clip_by_value",
 }
 # Transforms without an axis_name: only sharded jit applies to them.
-NO_AXIS_NAME = {"adaptive_grad_clip"}
+NO_AXIS_NAME = {"adaptive_grad_clip", "clip_by_spectral_norm"}
 MANY_STEP_CASES = [c for c in CASES if c.name not in _FIXED]
 AXIS_CASES = [c for c in MANY_STEP_CASES if c.name not in NO_AXIS_NAME]
 MS_SPECS = {"w": P("data"), "v": P()}  # one split leaf, one replicated

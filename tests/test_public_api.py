@@ -12,7 +12,14 @@ import optax_clip as oc
 
 ROOT = Path(__file__).resolve().parents[1]
 # Public callables that are not gradient transformations.
-HELPERS = {"get_stats", "suggest_max_norm"}
+HELPERS = {
+    "get_stats",
+    "per_example_global_norm_clip",  # functions, like optax's
+    "per_example_layer_norm_clip",
+    "suggest_max_norm",
+    "unitwise_clip",  # AGC's helpers, like optax's (tests/test_unitwise.py)
+    "unitwise_norm",
+}
 # optax's optimizers, skip-aware (tests/test_skippable.py compares them with
 # optax's): they clip nothing, so the clips' contract does not apply.
 OPTIMIZERS = {"adam", "adamw", "scale_by_adam", "sgd"}

@@ -291,7 +291,8 @@ def test_choice_errors_name_the_accepted_spellings():
         oc.zclip(mode="z")
     oc.zclip(mode="ZScore")  # any case, as the message says
     with pytest.raises(
-        ValueError, match="nonfinite must be 'propagate' or 'zero_update', got 'skip'"
+        ValueError,
+        match="nonfinite must be 'propagate', 'zero_update' or 'raise', got 'skip'",
     ):
         oc.clip_by_global_norm(1.0, nonfinite="skip")
 
