@@ -256,7 +256,7 @@ def spam_clip(
     **Cost.** An elementwise pass over the gradient and :math:`v`, the
     pre-clip norm, and one more pass for the statistics (post-clip norm and
     clipped coordinates). On a loaded 2-core CPU, one optimizer step of
-    ``spam_clip(adamw)`` took 3.4 to 5.7 times AdamW's alone at 5.3M float32
+    ``spam_clip(adamw)`` took 3.4 to 6.7 times AdamW's alone at 5.3M float32
     values (``python -m benchmarks.coordinate_clip timing``); not measured on
     an accelerator.
 
