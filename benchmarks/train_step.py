@@ -25,10 +25,12 @@ variant and hide the clip. The variants differ only in ``tx``:
 * ``chain(T, adamw)`` for every public optax_clip transform ``T`` (the
   arguments of tests/registry.py; ``adagc`` without warm-up, so that its
   per-tensor phase is timed);
+* ``spam_clip(adamw)`` (it wraps the optimizer whose second moment it reads);
 * the update clips after adamw (``chain(adamw, T)``), and ``stable_adamw``
   in its place;
 * both guards around ``chain(optax_clip.clip_by_global_norm(1.0), adamw)``,
-  given the loss (``update(..., loss=loss)``).
+  given the loss (``update(..., loss=loss)``), and ``skip_on_spike`` with
+  ``reset_on_skip=True``.
 
 Every variant is compiled first (trace and compile timed apart, ahead of
 time), then timed in interleaved rounds: each round runs every variant for
@@ -194,6 +196,7 @@ def variants(names: list[str] | None = None) -> dict[str, tuple[Any, bool]]:
         "zclip": lambda: oc.zclip(max_norm=MAX_NORM, warmup_steps=2),
         "adagc": lambda: oc.adagc(MAX_NORM, warmup_steps=0),
         "adaptive_grad_clip": lambda: oc.adaptive_grad_clip(100.0),
+        "adaclip": lambda: oc.adaclip(),
     }
     out = {
         "adamw": (adamw(), False),
@@ -209,6 +212,7 @@ def variants(names: list[str] | None = None) -> dict[str, tuple[Any, bool]]:
         ),
     }
     out.update({k: (optax.chain(make(), adamw()), False) for k, make in ours.items()})
+    out["spam_clip"] = (oc.spam_clip(adamw()), False)  # wraps adamw: reads its nu
     # Update clips sit after the optimizer; stable_adamw is adamw's replacement.
     out["clip_update_by_history"] = (
         optax.chain(adamw(), oc.clip_update_by_history(16)),
@@ -229,6 +233,10 @@ def variants(names: list[str] | None = None) -> dict[str, tuple[Any, bool]]:
     out["skip_nonfinite [oc.adamw]"] = (oc.skip_nonfinite(clip_oc_adamw()), True)
     out["skip_on_spike [oc.adamw]"] = (
         oc.skip_on_spike(clip_oc_adamw(), window=8, sigma=6.0),
+        True,
+    )
+    out["skip_on_spike [oc.adamw, reset_on_skip]"] = (
+        oc.skip_on_spike(clip_oc_adamw(), window=8, sigma=6.0, reset_on_skip=True),
         True,
     )
     if names is not None:

@@ -24,6 +24,7 @@ from optax_clip._agc import (
     unitwise_clip,
     unitwise_norm,
 )
+from optax_clip._coordinate import AdaClipState, SpamClipState, adaclip, spam_clip
 from optax_clip._guards import (
     SkipNonfiniteState,
     SkipOnSpikeState,
@@ -62,6 +63,7 @@ from optax_clip._validation import NonFinitePolicy
 __version__ = "0.1.0"
 
 __all__ = (
+    "AdaClipState",
     "AdaGCState",
     "AdaptiveGradClipState",
     "AutoClipState",
@@ -78,8 +80,10 @@ __all__ = (
     "SkipNonfiniteState",
     "SkipOnSpikeState",
     "SoftClipByGlobalNormState",
+    "SpamClipState",
     "StableAdamWState",
     "ZClipState",
+    "adaclip",
     "adagc",
     "adam",
     "adamw",
@@ -100,6 +104,7 @@ __all__ = (
     "skip_nonfinite",
     "skip_on_spike",
     "soft_clip_by_global_norm",
+    "spam_clip",
     "stable_adamw",
     "suggest_max_norm",
     "unitwise_clip",

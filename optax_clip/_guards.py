@@ -116,6 +116,84 @@ def _flag(x: jax.Array) -> jax.Array:
     return jnp.asarray(x, bool).astype(_I32)
 
 
+#: The optax states a momentum reset applies to, and the fields it zeroes
+#: (with ``count``, where the state has one, set to 0).
+MOMENT_STATES = {
+    optax.ScaleByAdamState: ("mu", "nu"),
+    optax.ScaleByAmsgradState: ("mu", "nu", "nu_max"),
+    optax.ScaleByBeliefState: ("mu", "nu"),
+    optax.ScaleByLionState: ("mu",),
+    optax.TraceState: ("trace",),
+}
+
+
+def _is_moment_state(x: Any) -> bool:
+    return type(x) in MOMENT_STATES
+
+
+class _Reset(NamedTuple):
+    """The momentum-reset options of a guard (SPAM's MoRet)."""
+
+    every: Any  # None, or reset before every ``every``-th step
+    on_skip: bool  # reset on (that is: after) a skipped step
+
+    @property
+    def enabled(self) -> bool:
+        return self.every is not None or self.on_skip
+
+
+def _reset_options(reset_every: Any, reset_on_skip: Any) -> _Reset:
+    if reset_every is not None:
+        _validation.count("reset_every", reset_every, minimum=1)
+    return _Reset(reset_every, _validation.flag("reset_on_skip", reset_on_skip))
+
+
+def _check_resettable(name: str, reset: _Reset, inner_state: Any) -> None:
+    """At ``init``: a reset needs moments it knows how to reset."""
+    if not reset.enabled:
+        return
+    nodes = jax.tree.leaves(inner_state, is_leaf=_is_moment_state)
+    if not any(_is_moment_state(x) for x in nodes):
+        known = ", ".join(f"optax.{t.__name__}" for t in MOMENT_STATES)
+        raise ValueError(
+            f"{name}: reset_every / reset_on_skip reset the first and second "
+            f"moments of the wrapped optimizer, whose state holds none of the "
+            f"states they apply to ({known}: adam, adamw, nadam, radam, lamb, "
+            "amsgrad, adabelief, lion, sgd with momentum, and optax_clip's "
+            "adam, adamw, sgd)."
+        )
+
+
+def _reset_moments(inner_state: Any, now: jax.Array) -> Any:
+    """``inner_state`` with its moments zeroed (and counts 0) where ``now``."""
+
+    def zeroed(x):
+        return _xla_cpu.select(now, jnp.zeros_like(x), x)
+
+    def reset(node):
+        if not _is_moment_state(node):
+            return node
+        new = {
+            f: jax.tree.map(zeroed, getattr(node, f)) for f in MOMENT_STATES[type(node)]
+        }
+        if "count" in node._fields:
+            new["count"] = zeroed(node.count)
+        return node._replace(**new)
+
+    return jax.tree.map(reset, inner_state, is_leaf=_is_moment_state)
+
+
+def _reset_now(reset: _Reset, state: Any, skip: jax.Array) -> jax.Array:
+    """Whether this step's inner state starts from zero moments."""
+    now = jnp.asarray(False)
+    if reset.every is not None:
+        step = optax.safe_increment(state.guard_num_updates)  # 1-based
+        now = step % jnp.asarray(reset.every, _I32) == 0
+    if reset.on_skip:
+        now = now | skip
+    return now
+
+
 def _short_names(cls, **fields: tuple[str, str]):
     """Adds read-only properties ``name -> field`` (the statistics' short names).
 
@@ -194,7 +272,11 @@ _short_names(
 
 
 def skip_nonfinite(
-    inner: optax.GradientTransformation, *, axis_name: Any = None
+    inner: optax.GradientTransformation,
+    *,
+    axis_name: Any = None,
+    reset_every: int | None = None,
+    reset_on_skip: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Skips every step whose gradients hold a NaN or Inf, keeping ``inner``'s state.
 
@@ -209,9 +291,11 @@ def skip_nonfinite(
     bad steps in a row, the NaN never reaches the inner state (``apply_if_finite``
     passes it on after ``max_consecutive_errors`` and every later Adam update
     is NaN). Watch ``skip_streak`` in :func:`optax_clip.get_stats` to stop a
-    run that only produces bad steps. If a ``loss`` keyword argument is passed
-    to ``update``, a non-finite loss skips the step too. Every extra keyword
-    argument is forwarded to ``inner``.
+    run that only produces bad steps. If a ``loss`` keyword argument is
+    passed to ``update``, a non-finite loss skips the step too. Every extra
+    keyword argument is forwarded to ``inner``. ``reset_every`` and
+    ``reset_on_skip`` reset the optimizer's moments as for
+    :func:`skip_on_spike`.
 
     **Cost.** With :func:`optax_clip.adamw`, :func:`optax_clip.adam` or
     :func:`optax_clip.sgd` inside (optax's optimizers, whose update is
@@ -224,6 +308,11 @@ def skip_nonfinite(
       inner: the optimizer (or chain) to guard.
       axis_name: mapped axes over which the update is sharded (``pmap``,
         ``shard_map``), so that all devices skip the same steps.
+      reset_every: reset the wrapped optimizer's moments before every
+        ``reset_every``-th step (an integer >= 1; None, the default: never).
+        See **Momentum reset** in :func:`skip_on_spike`.
+      reset_on_skip: reset them on every skipped step, so that the step after
+        it starts from zero moments (default False).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -247,11 +336,14 @@ def skip_nonfinite(
     """
     inner = _checked_inner("skip_nonfinite", inner)
     axes = _validation.axis_name(axis_name)
+    reset = _reset_options(reset_every, reset_on_skip)
 
     def init_fn(params):
         zero_i = jnp.zeros((), _I32)
+        inner_state = inner.init(params)
+        _check_resettable("skip_nonfinite", reset, inner_state)
         return SkipNonfiniteState(
-            guarded_state=inner.init(params),
+            guarded_state=inner_state,
             guard_grad_norm=jnp.zeros((), _F32),
             guard_is_nonfinite=zero_i,
             guard_num_updates=zero_i,
@@ -265,8 +357,11 @@ def skip_nonfinite(
         loss = extra_args.get("loss")
         if loss is not None:
             bad = bad | ~jnp.isfinite(_loss_scalar(loss))
+        inner_in = state.guarded_state
+        if reset.enabled:
+            inner_in = _reset_moments(inner_in, _reset_now(reset, state, bad))
         out, inner_state = _guarded_update(
-            inner, bad, updates, state.guarded_state, params, extra_args
+            inner, bad, updates, inner_in, params, extra_args
         )
         new_state = SkipNonfiniteState(
             guarded_state=inner_state,
@@ -400,6 +495,8 @@ def skip_on_spike(
     *,
     min_history: jax.typing.ArrayLike | None = None,
     axis_name: _validation.AxisName = None,
+    reset_every: int | None = None,
+    reset_on_skip: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Skips steps whose gradient norm (or loss) spikes, keeping ``inner``'s state.
 
@@ -429,6 +526,29 @@ def skip_on_spike(
     copies the optimizer's state every step when the state is donated (the
     ``docs/performance.md`` figures).
 
+    **Momentum reset** (SPAM's MoRet; off by default). With ``reset_every=N``
+    the wrapped optimizer's first and second moments are set to zero before
+    steps ``N, 2N, ...`` (counted by the guard, skipped steps included), as
+    in SPAM's and Stable-SPAM's code (``update_proj_gap``, 500 and 1000);
+    with ``reset_on_skip=True`` a skipped step leaves them at zero instead of
+    untouched. It applies to every node of these types in the wrapped state,
+    however nested (chains, :func:`optax.inject_hyperparams`, masks):
+    :class:`optax.ScaleByAdamState` (``mu``, ``nu``),
+    :class:`optax.ScaleByAmsgradState` (``mu``, ``nu``, ``nu_max``),
+    :class:`optax.ScaleByBeliefState` (``mu``, ``nu``),
+    :class:`optax.ScaleByLionState` (``mu``) and :class:`optax.TraceState`
+    (``trace``): adam, adamw, nadam, radam, lamb, amsgrad, adabelief, lion,
+    sgd with momentum, and :func:`optax_clip.adamw` and friends (whose
+    skip-aware fast path is kept). Their ``count`` is set to 0 too, so Adam's
+    bias correction restarts and the first step after a reset is Adam's
+    first step (Stable-SPAM's code does the same; SPAM's keeps the count and
+    instead warms the learning rate up again over 50 steps, which a schedule
+    can do). Any other state (a learning-rate schedule's count, adafactor,
+    rmsprop) is left as it is; an optimizer without any of these states
+    raises at ``init``. A reset is not a separate statistic: it happens on
+    the steps ``is_skipped`` marks (``reset_on_skip``) and on every
+    ``N``-th step.
+
     Defaults follow OLMo-core's ``SkipStepOptimizer`` and levanter's
     ``SkipStepConfig`` (window 128, 6 sigma); the one-sided test with
     Bessel-corrected deviation and the ``window // 2`` activation follow
@@ -448,6 +568,11 @@ def skip_on_spike(
         NaN): a guard never lets a step through on a test it cannot make.
       axis_name: mapped axes over which the update is sharded, so that all
         devices skip the same steps.
+      reset_every: reset the wrapped optimizer's moments before every
+        ``reset_every``-th step (an integer >= 1; None, the default: never).
+        See **Momentum reset** above.
+      reset_on_skip: reset them on every skipped step, so that the step after
+        it starts from zero moments (default False).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -484,11 +609,14 @@ def skip_on_spike(
         _validation.count("min_history", min_history, minimum=2, maximum=size),
     )
     axes = _validation.axis_name(axis_name)
+    reset = _reset_options(reset_every, reset_on_skip)
 
     def init_fn(params):
         zero_f, zero_i = jnp.zeros((), _F32), jnp.zeros((), _I32)
+        inner_state = inner.init(params)
+        _check_resettable("skip_on_spike", reset, inner_state)
         return SkipOnSpikeState(
-            guarded_state=inner.init(params),
+            guarded_state=inner_state,
             guard_grad_norm=zero_f,
             grad_norm_threshold=jnp.asarray(jnp.inf, _F32),
             norm_window=jnp.zeros((size,), _F32),
@@ -541,8 +669,11 @@ def skip_on_spike(
             loss_z = lv.zscore
         spike = spike & ~nonfinite
         skip = spike | nonfinite | ~jnp.asarray(valid)
+        inner_in = state.guarded_state
+        if reset.enabled:
+            inner_in = _reset_moments(inner_in, _reset_now(reset, state, skip))
         out, inner_state = _guarded_update(
-            inner, skip, updates, state.guarded_state, params, extra_args
+            inner, skip, updates, inner_in, params, extra_args
         )
         level = _validation.nan_unless(valid, g.level)
         new_state = SkipOnSpikeState(

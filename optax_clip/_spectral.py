@@ -12,7 +12,15 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from optax_clip import _apply, _collectives, _norms, _plan, _reduce, _validation
+from optax_clip import (
+    _apply,
+    _collectives,
+    _fail_fast,
+    _norms,
+    _plan,
+    _reduce,
+    _validation,
+)
 from optax_clip._stats import ClipStats, init_clip_stats
 
 Mode = Literal["hard", "soft"]
@@ -345,7 +353,7 @@ def clip_by_spectral_norm(
         2-norm (soft: ``g / sqrt(1 + |g|^2 / c^2)``); ``"pass"``: leave them.
       higher_rank: ``"batch"`` (default) or ``"flatten"``, for leaves with
         more than two dimensions (see above).
-      nonfinite: ``"propagate"`` (default) or ``"zero_update"``.
+      nonfinite: ``"propagate"`` (default), ``"zero_update"`` or ``"raise"``.
 
     Returns:
       An :class:`optax.GradientTransformation` whose state is a
@@ -413,7 +421,8 @@ def clip_by_spectral_norm(
         fraction = n_clipped.astype(jnp.float32) / max(n_matrices, 1)
         return out, ClipBySpectralNormState(stats, new_vecs, n_clipped, fraction)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return _fail_fast.wrap(tx, policy, "clip_by_spectral_norm")
 
 
 def _check_vectors(leaves: list, vecs: list, higher_rank: str) -> None:

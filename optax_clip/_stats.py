@@ -389,6 +389,12 @@ def get_stats(
       ``clipped_tensors`` (tensors clipped on the last step, int32).
     * ``adaptive_grad_clip``: ``clipped_units`` (units clipped on the last
       step, int32).
+    * ``spam_clip``, ``adaclip``: ``clipped_coordinates`` (coordinates
+      clipped on the last step, int32); ``adaclip`` also ``adaclip_steps``
+      (finite steps seen, int32). ``adaclip`` reports its norms as the
+      largest magnitude (like ``clip_by_value``) and the largest leaf
+      threshold as ``clip_threshold``; ``spam_clip`` its 2-norms and
+      ``theta``.
 
     ``clip_by_spectral_norm`` reports spectral norms (``pre_clip_norm`` and
     ``post_clip_norm`` are the largest top singular value over its matrices

@@ -189,6 +189,50 @@ CASES += [
     ),
 ]
 
+
+# Per-coordinate clips (issue 18).
+
+
+def _moments_only():
+    """Records Adam's moments (b2=0.9) and returns the gradient it is given.
+
+    Inside ``spam_clip`` it makes the wrapper's output the clipped gradient,
+    so that the clip's contract is what the checks see.
+    """
+    adam = optax.scale_by_adam(b2=0.9)
+    return optax.GradientTransformation(
+        adam.init, lambda u, s, p=None: (u, adam.update(u, s, p)[1])
+    )
+
+
+def _spam_clip(theta=5000.0, warmup_steps=1, nonfinite="propagate", axis_name=None):
+    """spam_clip around ``_moments_only``: on from the second step."""
+    return oc.spam_clip(
+        _moments_only(),
+        theta,
+        warmup_steps=warmup_steps,
+        nonfinite=nonfinite,
+        axis_name=axis_name,
+    )
+
+
+CASES += [
+    Case(
+        "spam_clip",
+        _spam_clip,
+        {"theta": 5000.0, "warmup_steps": 1},
+        threshold="theta",
+        bound=None,  # per coordinate: sqrt(theta * v)
+    ),
+    Case(
+        "adaclip",
+        oc.adaclip,
+        {"theta": 0.999},
+        threshold=None,  # theta is an EMA decay in [0, 1), not a bound
+        bound=None,
+    ),
+]
+
 # Update clipping (issue 18): placed after the optimizer; stable_adamw is an
 # optimizer (tests/test_public_api.py's OPTIMIZERS), tested in test_update.py.
 
