@@ -26,6 +26,8 @@ variant and hide the clip. The variants differ only in ``tx``:
   arguments of tests/registry.py; ``adagc`` without warm-up, so that its
   per-tensor phase is timed);
 * ``spam_clip(adamw)`` (it wraps the optimizer whose second moment it reads);
+* the update clips after adamw (``chain(adamw, T)``), and ``stable_adamw``
+  in its place;
 * both guards around ``chain(optax_clip.clip_by_global_norm(1.0), adamw)``,
   given the loss (``update(..., loss=loss)``), and ``skip_on_spike`` with
   ``reset_on_skip=True``.
@@ -211,6 +213,16 @@ def variants(names: list[str] | None = None) -> dict[str, tuple[Any, bool]]:
     }
     out.update({k: (optax.chain(make(), adamw()), False) for k, make in ours.items()})
     out["spam_clip"] = (oc.spam_clip(adamw()), False)  # wraps adamw: reads its nu
+    # Update clips sit after the optimizer; stable_adamw is adamw's replacement.
+    out["clip_update_by_history"] = (
+        optax.chain(adamw(), oc.clip_update_by_history(16)),
+        False,
+    )
+    out["clip_update_by_param_norm"] = (
+        optax.chain(adamw(), oc.clip_update_by_param_norm(100.0)),
+        False,
+    )
+    out["stable_adamw"] = (oc.stable_adamw(1e-3, weight_decay=1e-4), False)
     clip_adamw = lambda: optax.chain(oc.clip_by_global_norm(MAX_NORM), adamw())  # noqa: E731
     out["skip_nonfinite"] = (oc.skip_nonfinite(clip_adamw()), True)
     out["skip_on_spike"] = (oc.skip_on_spike(clip_adamw(), window=8, sigma=6.0), True)

@@ -50,6 +50,14 @@ from optax_clip._static import (
     soft_clip_by_global_norm,
 )
 from optax_clip._stats import ClipStats, get_stats
+from optax_clip._update import (
+    ClipUpdateByHistoryState,
+    ClipUpdateByParamNormState,
+    StableAdamWState,
+    clip_update_by_history,
+    clip_update_by_param_norm,
+    stable_adamw,
+)
 from optax_clip._validation import NonFinitePolicy
 
 __version__ = "0.1.0"
@@ -65,12 +73,15 @@ __all__ = (
     "ClipBySpectralNormState",
     "ClipByValueState",
     "ClipStats",
+    "ClipUpdateByHistoryState",
+    "ClipUpdateByParamNormState",
     "MaxNormSuggestion",
     "NonFinitePolicy",
     "SkipNonfiniteState",
     "SkipOnSpikeState",
     "SoftClipByGlobalNormState",
     "SpamClipState",
+    "StableAdamWState",
     "ZClipState",
     "adaclip",
     "adagc",
@@ -83,6 +94,8 @@ __all__ = (
     "clip_by_global_norm",
     "clip_by_spectral_norm",
     "clip_by_value",
+    "clip_update_by_history",
+    "clip_update_by_param_norm",
     "get_stats",
     "per_example_global_norm_clip",
     "per_example_layer_norm_clip",
@@ -92,6 +105,7 @@ __all__ = (
     "skip_on_spike",
     "soft_clip_by_global_norm",
     "spam_clip",
+    "stable_adamw",
     "suggest_max_norm",
     "unitwise_clip",
     "unitwise_norm",

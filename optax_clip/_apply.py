@@ -189,13 +189,18 @@ def _entry(vec: jax.Array, i: int) -> jax.Array:
     return lax.reshape(lax.slice_in_dim(vec, i, i + 1), ())
 
 
-def apply_per_leaf(updates, norms, thresholds, policy: str, norm_type: float):
+def apply_per_leaf(
+    updates, norms, thresholds, policy: str, norm_type: float, reported=None
+):
     """Scales each leaf by ``min(1, threshold_i / norm_i)`` under ``policy``.
 
     ``norms`` and ``thresholds`` are vectors with one entry per leaf (leaf
     order); the scales are computed on them once, and each leaf's kernel
     reads its own entry. ``propagate``: only a leaf whose own norm is NaN/Inf
     becomes all NaN. ``zero_update``: any non-finite leaf zeroes the update.
+    ``reported``: the leaves' own norms, when ``norms`` measure something
+    else (StableAdamW's ``g / sqrt(v)``); the pre- and post-clip norms are
+    then computed from them.
     """
     leaves, treedef = jax.tree.flatten(updates)
     if not leaves:
@@ -211,10 +216,11 @@ def apply_per_leaf(updates, norms, thresholds, policy: str, norm_type: float):
     for i, x in enumerate(leaves):
         s_i = Scale(*(_entry(v, i) for v in scale))
         new_leaves.append(_apply_leaf(policy, x, s_i, _entry(zero, i), _entry(keep, i)))
+    reported = norms if reported is None else reported
     return Applied(
         jax.tree.unflatten(treedef, new_leaves),
-        _norms.norm_of_values(norms, norm_type),
-        _norms.norm_of_values(_post(norms, scale, zero), norm_type),
+        _norms.norm_of_values(reported, norm_type),
+        _norms.norm_of_values(_post(reported, scale, zero), norm_type),
         jnp.min(scale.value).astype(jnp.float32),
         jnp.any(clipped & ~bad),
         any_bad,

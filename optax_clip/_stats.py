@@ -110,6 +110,47 @@ def update_clip_stats(
 
 
 # --------------------------------------------------------------------------
+# Windows of recent values (ring buffers of fixed shape)
+# --------------------------------------------------------------------------
+
+
+def window_push(values: jax.Array, pos: jax.Array, length: jax.Array, x, keep):
+    """A ring buffer with ``x`` written at ``pos`` where ``keep``, else unchanged.
+
+    ``values`` has a fixed length (the window); ``pos`` is the slot the next
+    value goes to and ``length`` the number of values held (at most the
+    window), so the first ``length`` slots are the meaningful ones. Returns
+    ``(values, pos, length)`` with the dtypes they came in.
+    """
+    size = values.shape[0]
+    keep = jnp.asarray(keep, bool)
+    pushed = values.at[pos].set(jnp.asarray(x).astype(values.dtype))
+    return (
+        jnp.where(keep, pushed, values),
+        jnp.where(keep, (pos + 1) % size, pos).astype(pos.dtype),
+        jnp.where(keep, jnp.minimum(length + 1, size), length).astype(length.dtype),
+    )
+
+
+def window_moments(values: jax.Array, length: jax.Array, ddof: int = 0):
+    """Mean and standard deviation of the first ``length`` values of a window.
+
+    ``ddof=0``: the population deviation; ``ddof=1``: Bessel-corrected. 0 and
+    0 for an empty window. Computed relative to the largest magnitude, so that
+    values near the float range do not overflow when squared.
+    """
+    valid = jnp.arange(values.shape[0]) < length
+    v = jnp.where(valid, values, 0)
+    top = jnp.max(jnp.abs(v))
+    unit = jnp.where(top > 0, top, 1)
+    k = jnp.maximum(length, 1).astype(values.dtype)
+    mean = jnp.sum(v / unit) / k
+    dev = jnp.where(valid, v / unit - mean, 0)
+    var = jnp.sum(dev * dev) / jnp.maximum(k - ddof, 1)
+    return mean * unit, jnp.sqrt(var) * unit
+
+
+# --------------------------------------------------------------------------
 # get_stats
 # --------------------------------------------------------------------------
 
@@ -361,6 +402,22 @@ def get_stats(
     each of a stack counted, whose estimated top singular value exceeded
     ``max_norm`` on the last step, int32) and ``matrix_clip_fraction`` (that
     count over the number of matrices, float32).
+
+    Update clips (after the optimizer) add:
+
+    * ``clip_update_by_history``: ``update_window_len`` (update norms in the
+      window, int32), ``update_norm_mean`` and ``update_norm_std`` (the
+      window's mean and population standard deviation the last step was
+      measured against, float32); its ``clip_threshold`` is their mean plus
+      ``sigma`` deviations (``max_norm`` until the window holds
+      ``min_history`` norms).
+    * ``clip_update_by_param_norm``: ``param_clipped_tensors`` (leaves
+      clipped on the last step, int32).
+    * ``stable_adamw``: ``moment_clipped_tensors`` (tensors whose step was
+      scaled down on the last step, int32) and ``max_moment_rms`` (the
+      largest RMS of ``g / sqrt(v)`` over the tensors, float32); its norms
+      are those of Adam's direction (before weight decay and learning rate),
+      its ``clip_threshold`` is ``max_rms``.
 
     The guards (``skip_nonfinite``, ``skip_on_spike``) skip steps rather
     than clip them, and report:

@@ -233,4 +233,30 @@ CASES += [
     ),
 ]
 
+# Update clipping (issue 18): placed after the optimizer; stable_adamw is an
+# optimizer (tests/test_public_api.py's OPTIMIZERS), tested in test_update.py.
+
+CASES += [
+    Case(
+        "clip_update_by_history",
+        oc.clip_update_by_history,
+        # A short window, so that the contract's few steps also reach the
+        # phase where the window clips; max_norm bounds every phase.
+        {"window": 4, "max_norm": 1.0},
+        threshold="max_norm",
+        bound=_global,
+        inject_static=("window",),
+    ),
+    Case(
+        "clip_update_by_param_norm",
+        oc.clip_update_by_param_norm,
+        # With the contract's params of 0.5, only a leaf holding a huge value
+        # is clipped at a ratio of 100.
+        {"max_ratio": 100.0},
+        threshold="max_ratio",
+        bound=None,
+        needs_params=True,
+    ),
+]
+
 CASES_BY_NAME = {c.name: c for c in CASES}

@@ -22,7 +22,9 @@ HELPERS = {
 }
 # optax's optimizers, skip-aware (tests/test_skippable.py compares them with
 # optax's): they clip nothing, so the clips' contract does not apply.
-OPTIMIZERS = {"adam", "adamw", "scale_by_adam", "sgd"}
+# stable_adamw is AdamW with update clipping (tests/test_update.py checks it
+# against a NumPy StableAdamW): its output is Adam's step, not its input clipped.
+OPTIMIZERS = {"adam", "adamw", "scale_by_adam", "sgd", "stable_adamw"}
 
 
 def public_functions(exclude=OPTIMIZERS):

@@ -294,7 +294,8 @@ def documented_keys():
 
 def test_every_state_class_is_known():
     names = {cls._stats_name for cls in KNOWN_OWNERS}
-    assert names == {c.name for c in CASES}
+    # stable_adamw is an optimizer, not a contract case (tests/test_update.py).
+    assert names == {c.name for c in CASES} | {"stable_adamw"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
