@@ -152,6 +152,23 @@ METHODS: dict[str, Method] = {
     "adaptive_grad_clip": Method(
         _chain(lambda c: oc.adaptive_grad_clip(0.01)), "adaptive_grad_clip(0.01)"
     ),
+    "clip_by_spectral_norm": Method(
+        _chain(lambda c: oc.clip_by_spectral_norm(1.0)), "clip_by_spectral_norm(1.0)"
+    ),
+    "adaclip": Method(_chain(lambda c: oc.adaclip()), "adaclip() (defaults)"),
+    "spam_clip": Method(
+        lambda opt, ctx: oc.spam_clip(opt()), "spam_clip(AdamW) (defaults)"
+    ),
+    "stable_adamw": Method(
+        lambda opt, ctx: oc.stable_adamw(1.0, weight_decay=ctx["wd"]),
+        "stable_adamw (max_rms=1.0)",
+    ),
+    # The step scales AdamW-at-rate-1's update by the schedule, so this clip sees
+    # the update before the learning rate: its history is free of the schedule.
+    "clip_update_by_history": Method(
+        lambda opt, ctx: optax.chain(opt(), oc.clip_update_by_history()),
+        "chain(AdamW, clip_update_by_history()) (defaults)",
+    ),
     "skip_on_spike": Method(
         lambda opt, ctx: oc.skip_on_spike(
             optax.chain(
