@@ -2,8 +2,9 @@
 
 Run it::
 
-  python -m benchmarks.compile_per_leaf                 # 1000 leaves, ~1 minute
+  python -m benchmarks.compile_per_leaf                 # 1000 leaves, a few minutes
   python -m benchmarks.compile_per_leaf --leaves 3000 --out /tmp/compile.md
+  python -m benchmarks.compile_per_leaf --repeat 3 --only block,adagc
 
 It compiles (``jit(...).lower(...).compile()``, trace included) the per-leaf
 clips of optax and optax_clip on the same tree, and a few programs that isolate
@@ -18,6 +19,7 @@ per-leaf clips to compile at most 1.5x slower than optax's
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -50,9 +52,16 @@ def programs(leaves: list[jax.Array]) -> dict[str, tuple]:
     def entry(v, i):
         return lax.reshape(lax.slice_in_dim(v, i, i + 1), ())
 
+    def with_params(tx):
+        state = tx.init(leaves)
+        return (lambda g, s: tx.update(g, s, g)[0]), (leaves, state)
+
     return {
         "optax.clip_by_block_rms": update(optax.clip_by_block_rms(1.0)),
         "optax_clip.clip_by_block_norm": update(oc.clip_by_block_norm(1.0)),
+        "optax_clip.clip_by_block_rms": update(oc.clip_by_block_rms(1.0)),
+        "optax_clip.adagc": update(oc.adagc()),
+        "optax_clip.adaptive_grad_clip": with_params(oc.adaptive_grad_clip(0.01)),
         "optax_clip.clip_by_global_norm": update(oc.clip_by_global_norm(1.0)),
         "each leaf times entry i of one vector": (
             lambda g, v: [x * entry(v, i) for i, x in enumerate(g)],
@@ -77,27 +86,57 @@ def programs(leaves: list[jax.Array]) -> dict[str, tuple]:
     }
 
 
+BASELINE = "optax.clip_by_block_rms"
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Measures every program once; prints (and with ``--out`` writes) a table."""
+    """Measures the programs ``--repeat`` times, interleaved; writes a table.
+
+    Prints each compile as it ends; the table holds the median of each
+    program and its ratio to optax's ``clip_by_block_rms`` (measured in the
+    same rounds). Compile times on a loaded machine are noisy: compare ratios.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--leaves", type=int, default=1000)
     parser.add_argument("--values", type=int, default=4_000_000)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument(
+        "--only", default="", help="comma-separated substrings of program names"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     tree = make_tree(leaf_shapes(args.values, args.leaves), jnp.float32, seed=2)
     leaves = jax.tree.leaves(tree)
-    seconds = {}
-    for name, (fn, fn_args) in programs(leaves).items():
-        seconds[name] = compile_seconds(fn, *fn_args)
-        print(f"{seconds[name]:7.2f} s  {name}", flush=True)
+    chosen = {
+        name: prog
+        for name, prog in programs(leaves).items()
+        if name == BASELINE
+        or not args.only
+        or any(part in name for part in args.only.split(","))
+    }
+    times: dict[str, list[float]] = {name: [] for name in chosen}
+    for _ in range(args.repeat):
+        for name, (fn, fn_args) in chosen.items():
+            times[name].append(compile_seconds(fn, *fn_args))
+            print(f"{times[name][-1]:7.2f} s  {name}", flush=True)
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    ratio = {
+        name: statistics.median(a / b for a, b in zip(t, times[BASELINE], strict=True))
+        for name, t in times.items()
+    }
+    command = f"python -m benchmarks.compile_per_leaf --leaves {args.leaves}"
+    if args.repeat > 1:
+        command += f" --repeat {args.repeat}"
+    if args.only:
+        command += f" --only {args.only}"
     lines = [
         f"Compile time (trace + compile) on {len(leaves)} float32 leaves, "
-        f"{args.values} values, jax {jax.__version__}, {jax.default_backend()} "
-        f"(`python -m benchmarks.compile_per_leaf --leaves {args.leaves}`):",
+        f"{args.values} values, jax {jax.__version__}, {jax.default_backend()}, "
+        f"median of {args.repeat} (`{command}`):",
         "",
-        "| program | seconds |",
-        "|---|---|",
-        *(f"| {k} | {v:.2f} |" for k, v in seconds.items()),
+        f"| program | seconds | / {BASELINE} |",
+        "|---|---|---|",
+        *(f"| {k} | {v:.2f} | {ratio[k]:.2f} |" for k, v in seconds.items()),
     ]
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")

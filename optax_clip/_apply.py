@@ -184,11 +184,6 @@ def apply_global(
     return Applied(out, norm, post, scale.value, clipped & ~nonfinite, nonfinite)
 
 
-def _entry(vec: jax.Array, i: int) -> jax.Array:
-    """Entry ``i`` of ``vec`` as a scalar (lax: traces fast)."""
-    return lax.reshape(lax.slice_in_dim(vec, i, i + 1), ())
-
-
 def apply_per_leaf(
     updates, norms, thresholds, policy: str, norm_type: float, reported=None
 ):
@@ -196,7 +191,8 @@ def apply_per_leaf(
 
     ``norms`` and ``thresholds`` are vectors with one entry per leaf (leaf
     order); the scales are computed on them once, and each leaf's kernel
-    reads its own entry. ``propagate``: only a leaf whose own norm is NaN/Inf
+    reads its own entry (read out by :func:`_xla_cpu.entries`, which XLA:CPU
+    compiles fast). ``propagate``: only a leaf whose own norm is NaN/Inf
     becomes all NaN. ``zero_update``: any non-finite leaf zeroes the update.
     ``reported``: the leaves' own norms, when ``norms`` measure something
     else (StableAdamW's ``g / sqrt(v)``); the pre- and post-clip norms are
@@ -211,11 +207,11 @@ def apply_per_leaf(
     num, den, clipped = clip_factor(norms, thresholds)
     zero = jnp.broadcast_to(any_bad, bad.shape) if policy == "zero_update" else bad
     scale = _with_policy(policy, make_scale(num, den), zero)
-    scale, zero, keep = _reduce.fusion_barrier((scale, zero, scale.value == 1))
+    scale, any_bad = _reduce.fusion_barrier((scale, any_bad))
     new_leaves = []
-    for i, x in enumerate(leaves):
-        s_i = Scale(*(_entry(v, i) for v in scale))
-        new_leaves.append(_apply_leaf(policy, x, s_i, _entry(zero, i), _entry(keep, i)))
+    for x, s_i in zip(leaves, _xla_cpu.entries(scale), strict=True):
+        # zero_update zeroes every leaf when any is bad; propagate never zeroes.
+        new_leaves.append(_apply_leaf(policy, x, Scale(*s_i), any_bad))
     reported = norms if reported is None else reported
     return Applied(
         jax.tree.unflatten(treedef, new_leaves),

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from optax_clip import _collectives, _plan, _reduce, _validation
+from optax_clip import _collectives, _plan, _reduce, _validation, _xla_cpu
 
 INF = math.inf
 accumulation_dtype = _reduce.accumulation_dtype
@@ -169,9 +169,14 @@ def _rescaled_sums(plan: _plan.Plan, p: float, f1: jax.Array, f2: jax.Array):
     an output per leaf; stacks are reduced row by row.
     """
     parts, start = [], 0
+    # The factors of every row as scalars, when some leaf is not in a stack
+    # (a slice per leaf compiles slowly on XLA:CPU; see _xla_cpu.entries).
+    each = None
+    if not all(seg.stacked for seg in plan.segments):
+        each = _xla_cpu.entries((f1, f2))
     for segs in _units(plan):
         if len(segs) > 1 and not segs[0].stacked:
-            g1, g2 = (lax.slice_in_dim(f, start, start + len(segs)) for f in (f1, f2))
+            g1, g2 = zip(*each[start : start + len(segs)], strict=True)
             xs = [seg.array for seg in segs]
             parts.append(_reduce.scaled_sums_each(xs, p, g1, g2).astype(f1.dtype))
             start += len(segs)
@@ -182,8 +187,7 @@ def _rescaled_sums(plan: _plan.Plan, p: float, f1: jax.Array, f2: jax.Array):
             if seg.stacked:
                 t = _reduce.scaled_sum(seg.array, p, r1[:, None], r2[:, None], 1, True)
             else:
-                f = (r1.reshape(()), r2.reshape(()))
-                t = _reduce.scaled_sum(seg.array, p, *f, None, seg.local)
+                t = _reduce.scaled_sum(seg.array, p, *each[start], None, seg.local)
             parts.append(jnp.reshape(t, (-1,)).astype(f1.dtype))
             start += k
     return parts

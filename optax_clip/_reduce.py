@@ -207,8 +207,11 @@ def scaled_sum_of_all(xs, p: float, f1, f2, local: bool) -> jax.Array:
     return jnp.sum(total)
 
 
-def scaled_sums_each(xs, p: float, f1: jax.Array, f2: jax.Array) -> jax.Array:
-    """``sum |x_i * f1[i] * f2[i]|**p`` of same-shape local ``xs``, a vector."""
+def scaled_sums_each(xs, p: float, f1, f2) -> jax.Array:
+    """``sum |x_i * f1[i] * f2[i]|**p`` of same-shape local ``xs``, a vector.
+
+    ``f1``, ``f2``: vectors, or sequences of scalars (one per array).
+    """
     summands = tuple(
         _rescaled(x, f1[i], f2[i], p) for i, x in enumerate(xs)
     )  # fmt: skip

@@ -160,3 +160,71 @@ def magnitude_in_branch(x: jax.Array) -> jax.Array:
     if enabled():
         return lax.abs(lax.max(x, lax.neg(x)))
     return lax.abs(x)
+
+
+#: Entries read out of a vector by one kernel (see :func:`entries`).
+ENTRIES_GROUP = 32
+
+
+def entry(vec: jax.Array, i: int) -> jax.Array:
+    """Entry ``i`` of ``vec`` as a scalar (lax: traces fast)."""
+    return lax.reshape(lax.slice_in_dim(vec, i, i + 1), ())
+
+
+def entries(vectors: Any) -> list:
+    """The entries of same-length float vectors as scalars: ``out[i][k] = v[k][i]``.
+
+    The plain form is one slice per entry. XLA:CPU compiles a kernel that
+    slices a vector (the slice fused into the consumer, or on its own) with
+    its MLIR emitter, about 40 times slower to compile than an elementwise
+    kernel: one per leaf made a per-leaf clip of 1000 leaves compile in 20 s
+    (``benchmarks/compile_per_leaf.py``). Here the entries of up to
+    :data:`ENTRIES_GROUP` indices come out of one reduction with an output
+    per entry (``sum_j where(j == i, v_j, 0)``, exact: every other summand is
+    +0), compiled by the fast emitter. Differentiated as the slices.
+    """
+    vectors = tuple(vectors)
+    n = vectors[0].shape[0] if vectors else 0
+    if not enabled() or n == 0:
+        return [tuple(entry(v, i) for v in vectors) for i in range(n)]
+    # One reduction per dtype (XLA rejects a reduction of mixed precisions).
+    by_dtype: dict[Any, list[int]] = {}
+    for c, v in enumerate(vectors):
+        by_dtype.setdefault(v.dtype, []).append(c)
+    out: list[list] = [[None] * len(vectors) for _ in range(n)]
+    for start in range(0, n, ENTRIES_GROUP):
+        k = min(ENTRIES_GROUP, n - start)
+        for cols in by_dtype.values():
+            chunks = tuple(lax.slice_in_dim(vectors[c], start, start + k) for c in cols)
+            flat = _reduced_entries(chunks)
+            for j in range(k):
+                for q, c in enumerate(cols):
+                    out[start + j][c] = flat[j * len(cols) + q]
+    return [tuple(row) for row in out]
+
+
+@jax.custom_jvp
+def _reduced_entries(chunks: tuple) -> tuple:
+    """``(c[0][0], c[1][0], ..., c[0][1], ...)`` of short vectors, one reduction."""
+    k = chunks[0].shape[0]
+    index = lax.broadcasted_iota(jnp.int32, (k,), 0)
+    operands, inits = [], []
+    for j in range(k):
+        hit = index == j
+        for c in chunks:
+            operands.append(lax.select(hit, c, lax.full_like(c, 0)))
+            inits.append(jnp.zeros((), c.dtype))
+    n = len(operands)
+
+    def add(u, v):
+        return tuple(lax.add(u[i], v[i]) for i in range(n))
+
+    return tuple(lax.reduce(tuple(operands), tuple(inits), add, (0,)))
+
+
+@_reduced_entries.defjvp
+def _reduced_entries_jvp(primals, tangents):
+    (chunks,), (ts,) = primals, tangents
+    k = chunks[0].shape[0]
+    out_t = tuple(entry(t, j) for j in range(k) for t in ts)
+    return _reduced_entries(chunks), out_t
