@@ -159,7 +159,12 @@ def window_moments(values: jax.Array, length: jax.Array, ddof: int = 0):
 #   _stats_fields: the extra keys it reports, names of its fields or of
 #     properties (a property gives a short key to a field whose name stays
 #     distinctive for optax.tree.get: a guard's num_updates is guard_num_updates).
+#   _stats_leaf_norms: the name of a field that is None or a tree of per-leaf
+#     scalars, reported as "leaf_norm/<path in the tree>" (LEAF_NORM).
 # A field named clip_stats (a ClipStats) adds the ClipStats fields.
+
+#: The ``fields=`` name of the per-leaf norms, and the first part of their keys.
+LEAF_NORM = "leaf_norm"
 
 
 def _unwrap(x: Any) -> Any:
@@ -231,6 +236,21 @@ def _owners(state: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple, Any]]:
                 yield from _owners(child, node_path + (child_name,))
 
 
+def _leaf_values(node: Any) -> dict[str, Any]:
+    """``{"leaf_norm/<path>": value}`` of an owner's per-leaf norms ({} if off)."""
+    field = getattr(type(node), "_stats_leaf_norms", None)
+    tree = None if field is None else getattr(node, field)
+    if tree is None:
+        return {}
+    found, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: hasattr(x, "get_value")
+    )
+    out = {}
+    for path, value in found:
+        out["/".join((LEAF_NORM, *(_key_str(k) for k in path)))] = _unwrap(value)
+    return out
+
+
 def _holds_owner(tree: Any) -> bool:
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=_is_stats_owner)
     return any(_is_stats_owner(x) for x in leaves)
@@ -248,6 +268,8 @@ def _values(node: Any, wanted: frozenset[str] | None) -> dict[str, Any]:
     values = {
         k: _unwrap(v) for k, v in sources.items() if wanted is None or k in wanted
     }
+    if wanted is None or LEAF_NORM in wanted:
+        values.update(_leaf_values(node))
     for key in _derived(tuple(sources)):
         if wanted is not None and key not in wanted:
             continue
@@ -375,6 +397,15 @@ def get_stats(
       rescaled, and with a NaN or Inf (int32, saturating).
     * ``clip_fraction``: ``num_clipped / max(num_updates, 1)`` (float32,
       computed by ``get_stats``).
+
+    ``clip_by_global_norm`` and ``soft_clip_by_global_norm`` built with
+    ``leaf_norms=True`` add one key per leaf of the updates:
+    ``"<method>/leaf_norm/<path>"``, the leaf's norm before clipping
+    (float32), where ``<path>`` is the leaf's path in the updates with its
+    parts (dict keys, attribute names, list and tuple indices) joined by
+    ``/``: ``clip_by_global_norm/leaf_norm/layer1/w`` for
+    ``grads["layer1"]["w"]``, ``.../leaf_norm`` alone for a single array.
+    ``fields=("leaf_norm",)`` selects them all.
 
     Adaptive clips add:
 
@@ -522,6 +553,7 @@ def _wanted(fields: Sequence[str] | None, found: list[type]) -> frozenset[str] |
     if not wanted:
         raise ValueError("fields must name at least one field (or be None: all).")
     known = {k for cls in [*_known_owners(), *found] for k in stats_keys(cls)}
+    known.add(LEAF_NORM)
     unknown = [f for f in wanted if f not in known]
     if unknown:
         raise ValueError(
@@ -535,7 +567,11 @@ def _check_reported(wanted: frozenset[str], owners: list) -> None:
     """Raises if a wanted field is reported by no transform in the state."""
     reported: dict[str, tuple[str, ...]] = {}
     for _, node in owners:
-        reported.setdefault(type(node)._stats_name, stats_keys(type(node)))
+        keys = stats_keys(type(node)) + ((LEAF_NORM,) if _leaf_values(node) else ())
+        reported[type(node)._stats_name] = reported.get(type(node)._stats_name, ())
+        reported[type(node)._stats_name] += tuple(
+            k for k in keys if k not in reported[type(node)._stats_name]
+        )
     every = {k for keys in reported.values() for k in keys}
     missing = sorted(wanted - every)
     if missing:
