@@ -17,9 +17,8 @@ from optax_clip import (
     _fail_fast,
     _norms,
     _validation,
-    _xla_cpu,
 )
-from optax_clip._stats import ClipStats, init_clip_stats
+from optax_clip._stats import ClipStats, LeafNorms, init_clip_stats, leaf_paths
 
 
 def _fixed_threshold(
@@ -30,17 +29,14 @@ def _fixed_threshold(
     The measure, decide and apply steps are in ``step``; the state holds only
     the statistics, which the record step renews. With ``per_leaf``, ``step``
     returns ``(applied, threshold, leaf_norms)`` (a vector, leaf order) and the
-    state's ``leaf_pre_clip_norms`` holds them as a tree shaped like the
-    updates.
+    state's ``leaf_pre_clip_norms`` holds them as a :class:`LeafNorms`.
     """
 
     def init_fn(params):
         stats = init_clip_stats(initial_threshold)
         if not per_leaf:
             return state_cls(stats)
-        return state_cls(
-            stats, jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
-        )
+        return state_cls(stats, LeafNorms.zeros(params))
 
     def update_fn(updates, state, params=None):
         del params
@@ -48,36 +44,27 @@ def _fixed_threshold(
             applied, threshold = step(updates)
             stats = _apply.record(state.clip_stats, applied, threshold)
             return applied.updates, state_cls(stats)
-        _check_leaf_tree(state_cls, updates, state.leaf_pre_clip_norms)
+        paths = _check_leaf_paths(state_cls, updates, state.leaf_pre_clip_norms)
         applied, threshold, norms = step(updates)
         stats = _apply.record(state.clip_stats, applied, threshold)
-        return applied.updates, state_cls(stats, leaf_tree(updates, norms))
+        held = LeafNorms(norms.astype(jnp.float32), paths)
+        return applied.updates, state_cls(stats, held)
 
     tx = optax.GradientTransformation(init_fn, update_fn)
     return _fail_fast.wrap(tx, policy, state_cls._stats_name, axes)
 
 
-def _check_leaf_tree(state_cls, updates, held) -> None:
-    """Raises unless the state's per-leaf norms are shaped like ``updates``."""
-    want, have = jax.tree.structure(updates), jax.tree.structure(held)
-    if want != have:
+def _check_leaf_paths(state_cls, updates, held: LeafNorms) -> tuple[str, ...]:
+    """The leaves' paths of ``updates``; raises unless ``held`` has the same."""
+    paths = leaf_paths(updates)
+    if paths != held.paths:
         raise ValueError(
             f"optax_clip.{state_cls._stats_name}(leaf_norms=True): the state "
             "holds one norm per leaf of the parameters given to init, and the "
-            f"updates have another structure (state: {have}, updates: {want}). "
-            "Call init with parameters shaped like the updates."
+            f"updates have other leaves (state: {list(held.paths)}, updates: "
+            f"{list(paths)}). Call init with parameters shaped like the updates."
         )
-
-
-def leaf_tree(updates, norms: jax.Array):
-    """The per-leaf ``norms`` (a vector, leaf order) as float32 scalars in a tree.
-
-    Shaped like ``updates``. The entries are read out by
-    :func:`_xla_cpu.entries` (one slice per leaf compiles slowly on XLA:CPU).
-    """
-    treedef = jax.tree.structure(updates)
-    vec = norms.astype(jnp.float32)
-    return jax.tree.unflatten(treedef, [e for (e,) in _xla_cpu.entries((vec,))])
+    return paths
 
 
 def _global_norm_step(p, axes, per_leaf):
@@ -103,8 +90,9 @@ class ClipByGlobalNormState(NamedTuple):
     Attributes:
       clip_stats: :class:`optax_clip.ClipStats` of the last step.
       leaf_pre_clip_norms: ``None``, or with ``leaf_norms=True`` the norm of
-        each leaf of the last step's incoming updates (a tree shaped like the
-        updates, of float32 scalars; read them with :func:`optax_clip.get_stats`).
+        each leaf of the last step's incoming updates: a ``LeafNorms`` whose
+        ``values`` is a float32 vector (leaf order) and ``paths`` the leaves'
+        paths (read them with :func:`optax_clip.get_stats`).
     """
 
     clip_stats: ClipStats
@@ -502,8 +490,9 @@ class SoftClipByGlobalNormState(NamedTuple):
       clip_stats: :class:`optax_clip.ClipStats` of the last step
         (``is_clipped`` is 1 when the norm was above the knee).
       leaf_pre_clip_norms: ``None``, or with ``leaf_norms=True`` the norm of
-        each leaf of the last step's incoming updates (a tree shaped like the
-        updates, of float32 scalars; read them with :func:`optax_clip.get_stats`).
+        each leaf of the last step's incoming updates: a ``LeafNorms`` whose
+        ``values`` is a float32 vector (leaf order) and ``paths`` the leaves'
+        paths (read them with :func:`optax_clip.get_stats`).
     """
 
     clip_stats: ClipStats

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_clip import _validation
+from optax_clip import _validation, _xla_cpu
 
 
 class ClipStats(NamedTuple):
@@ -48,6 +48,54 @@ class ClipStats(NamedTuple):
     num_updates: jax.Array
     num_clipped: jax.Array
     num_nonfinite: jax.Array
+
+
+def leaf_paths(tree: Any) -> tuple[str, ...]:
+    """Each leaf's path in ``tree``, its parts joined by ``/`` (``"layer1/w"``)."""
+    found = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return tuple("/".join(_key_str(k) for k in path) for path, _ in found)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class LeafNorms:
+    """One norm per leaf of the updates, kept in a state (``leaf_norms=True``).
+
+    A single float32 vector rather than a tree of scalars: one buffer in the
+    state, not one per leaf (each is an argument and a result of a jitted
+    step). :func:`get_stats` reads it out as one key per leaf.
+
+    Attributes:
+      values: float32 array of shape ``(number of leaves,)``, in leaf order
+        (the order of ``jax.tree.leaves(updates)``).
+      paths: each leaf's path in the updates, its parts (dict keys, attribute
+        names, sequence indices) joined by ``/``; static (part of the tree
+        structure, not an array), ``""`` for a single array.
+    """
+
+    __slots__ = ("values", "paths")
+
+    def __init__(self, values: Any, paths: tuple[str, ...]):
+        self.values = values
+        self.paths = tuple(paths)
+
+    @classmethod
+    def zeros(cls, tree: Any) -> LeafNorms:
+        """Zeros, one per leaf of ``tree``."""
+        paths = leaf_paths(tree)
+        return cls(jnp.zeros((len(paths),), jnp.float32), paths)
+
+    def tree_flatten_with_keys(self):
+        return ((jax.tree_util.GetAttrKey("values"), self.values),), self.paths
+
+    def tree_flatten(self):
+        return (self.values,), self.paths
+
+    @classmethod
+    def tree_unflatten(cls, paths, children):
+        return cls(children[0], paths)
+
+    def __repr__(self) -> str:
+        return f"LeafNorms(values={self.values!r}, paths={self.paths!r})"
 
 
 def init_clip_stats(threshold: Any = 0.0) -> ClipStats:
@@ -239,16 +287,14 @@ def _owners(state: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple, Any]]:
 def _leaf_values(node: Any) -> dict[str, Any]:
     """``{"leaf_norm/<path>": value}`` of an owner's per-leaf norms ({} if off)."""
     field = getattr(type(node), "_stats_leaf_norms", None)
-    tree = None if field is None else getattr(node, field)
-    if tree is None:
+    held = None if field is None else getattr(node, field)
+    if held is None or not held.paths:
         return {}
-    found, _ = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: hasattr(x, "get_value")
-    )
-    out = {}
-    for path, value in found:
-        out["/".join((LEAF_NORM, *(_key_str(k) for k in path)))] = _unwrap(value)
-    return out
+    values = jnp.asarray(_unwrap(held.values))
+    # One slice per entry compiles slowly on XLA:CPU (see _xla_cpu.entries).
+    scalars = [e for (e,) in _xla_cpu.entries((values,))]
+    keys = ["/".join((LEAF_NORM, p)) if p else LEAF_NORM for p in held.paths]
+    return dict(zip(keys, scalars, strict=True))
 
 
 def _holds_owner(tree: Any) -> bool:

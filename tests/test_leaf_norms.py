@@ -86,6 +86,7 @@ def test_off_by_default_the_state_is_unchanged(name):
     tx = FACTORIES[name](1.0)
     state = tx.init(GRADS)
     assert state.leaf_pre_clip_norms is None
+    assert state == FACTORIES[name](1.0, leaf_norms=False).init(GRADS)
     assert len(jax.tree.leaves(state)) == len(state.clip_stats)
     _, state = tx.update(jax.tree.map(jnp.asarray, GRADS), state)
     assert not [k for k in oc.get_stats(state) if "leaf_norm" in k]
@@ -128,8 +129,10 @@ def test_a_nonfinite_leaf_is_the_one_that_reads_nan():
     tx = oc.clip_by_global_norm(1.0, nonfinite="zero_update", leaf_norms=True)
     g = {"a": jnp.array([1.0, jnp.nan]), "b": jnp.array([3.0, 4.0])}
     out, state = tx.update(g, tx.init(g))
-    assert np.isnan(state.leaf_pre_clip_norms["a"])
-    assert float(state.leaf_pre_clip_norms["b"]) == 5.0
+    held = state.leaf_pre_clip_norms
+    assert held.paths == ("a", "b")
+    assert np.isnan(held.values[0])
+    assert float(held.values[1]) == 5.0
     assert float(jnp.max(jnp.abs(out["b"]))) == 0.0
     assert int(state.clip_stats.is_nonfinite) == 1
 
@@ -142,6 +145,8 @@ def test_bad_input_raises():
     tx = oc.clip_by_global_norm(1.0, leaf_norms=True)
     with pytest.raises(ValueError, match="shaped like the updates"):
         tx.update({"a": jnp.ones(2)}, tx.init(None))
+    with pytest.raises(ValueError, match=r"state: \['a'\], updates: \['b'\]"):
+        tx.update({"b": jnp.ones(2)}, tx.init({"a": jnp.ones(2)}))
 
 
 def test_inject_hyperparams_max_norm_and_zero_meta_gradient():
@@ -151,8 +156,9 @@ def test_inject_hyperparams_max_norm_and_zero_meta_gradient():
     state.hyperparams["max_norm"] = jnp.asarray(2.0)
     out, state = jax.jit(tx.update)(g, state)
     np.testing.assert_allclose(out["a"], [1.2, 1.6], rtol=1e-6)
-    assert float(state.inner_state.leaf_pre_clip_norms["a"]) == 5.0
-    assert float(state.inner_state.leaf_pre_clip_norms["b"]) == 0.0
+    held = state.inner_state.leaf_pre_clip_norms
+    assert held.values.dtype == jnp.float32 and held.values.shape == (2,)
+    assert held.values.tolist() == [5.0, 0.0]
     # No NaN from the clip at zero gradients, also for the meta-gradient.
     clip = oc.clip_by_global_norm(1.0, leaf_norms=True)
 
@@ -179,16 +185,18 @@ def test_shard_map_axis_name_gives_each_leafs_global_norm():
         out = []
         for tx in txs:
             _, state = tx.update(g, tx.init(g))
-            out.append((state.leaf_pre_clip_norms, state.clip_stats.pre_clip_norm))
+            out.append((oc.get_stats(state), state.clip_stats.pre_clip_norm))
         return out
 
     fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(specs,), out_specs=P()))
     placed = {
         k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in grads.items()
     }
-    for leaves, total in jax.device_get(fn(placed)):
+    results = jax.device_get(fn(placed))
+    for name, (stats, total) in zip(FACTORIES, results, strict=True):
         for k in grads:
-            np.testing.assert_allclose(leaves[k], reference.norm([grads[k]]), rtol=1e-6)
+            got = stats[f"{name}/leaf_norm/{k}"]
+            np.testing.assert_allclose(got, reference.norm([grads[k]]), rtol=1e-6)
         np.testing.assert_allclose(
             total, reference.norm(list(grads.values())), rtol=1e-6
         )
