@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_clip as oc
+from benchmarks import leaf_norms as leaf_norms_benchmark
 
 FACTORIES = {
     "clip_by_global_norm": lambda c, **kw: oc.clip_by_global_norm(c, **kw),
@@ -200,3 +201,11 @@ def test_shard_map_axis_name_gives_each_leafs_global_norm():
         np.testing.assert_allclose(
             total, reference.norm(list(grads.values())), rtol=1e-6
         )
+
+
+def test_cost_benchmark_runs(capsys):
+    out = leaf_norms_benchmark.main(
+        ["--leaves", "4", "--size", "64", "--reps", "3", "--compiles", "1"]
+    )
+    assert out["off_ms"] > 0 and out["on_ms"] > 0 and out["compile_on_s"] > 0
+    assert "4 leaves of 64 float32" in capsys.readouterr().out
