@@ -180,6 +180,11 @@ def clip_by_global_norm(
       Array([2.1213202, 2.828427 ], dtype=float32)
       >>> float(state.clip_stats.pre_clip_norm), int(state.clip_stats.is_clipped)
       (7.0710678..., 1)
+      >>> tx = optax_clip.clip_by_global_norm(max_norm=5.0, leaf_norms=True)
+      >>> _, state = tx.update(grads, tx.init(grads))
+      >>> stats = optax_clip.get_stats(state, fields=("leaf_norm",))
+      >>> {k: float(v) for k, v in stats.items()}  # each leaf's norm
+      {'clip_by_global_norm/leaf_norm/a': 5.0, 'clip_by_global_norm/leaf_norm/b': 5.0}
 
     References:
       Pascanu et al., `On the difficulty of training Recurrent Neural Networks
