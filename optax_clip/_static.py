@@ -11,29 +11,77 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax_clip import _apply, _collectives, _fail_fast, _norms, _validation
-from optax_clip._stats import ClipStats, init_clip_stats
+from optax_clip import (
+    _apply,
+    _collectives,
+    _fail_fast,
+    _norms,
+    _validation,
+)
+from optax_clip._stats import ClipStats, LeafNorms, init_clip_stats, leaf_paths
 
 
-def _fixed_threshold(state_cls, initial_threshold, step, policy="propagate", axes=()):
+def _fixed_threshold(
+    state_cls, initial_threshold, step, policy="propagate", axes=(), per_leaf=False
+):
     """A transform whose ``step(updates)`` returns ``(applied, threshold)``.
 
     The measure, decide and apply steps are in ``step``; the state holds only
-    the statistics, which the record step renews.
+    the statistics, which the record step renews. With ``per_leaf``, ``step``
+    returns ``(applied, threshold, leaf_norms)`` (a vector, leaf order) and the
+    state's ``leaf_pre_clip_norms`` holds them as a :class:`LeafNorms`.
     """
 
     def init_fn(params):
-        del params
-        return state_cls(init_clip_stats(initial_threshold))
+        stats = init_clip_stats(initial_threshold)
+        if not per_leaf:
+            return state_cls(stats)
+        return state_cls(stats, LeafNorms.zeros(params))
 
     def update_fn(updates, state, params=None):
         del params
-        applied, threshold = step(updates)
+        if not per_leaf:
+            applied, threshold = step(updates)
+            stats = _apply.record(state.clip_stats, applied, threshold)
+            return applied.updates, state_cls(stats)
+        paths = _check_leaf_paths(state_cls, updates, state.leaf_pre_clip_norms)
+        applied, threshold, norms = step(updates)
         stats = _apply.record(state.clip_stats, applied, threshold)
-        return applied.updates, state_cls(stats)
+        held = LeafNorms(norms.astype(jnp.float32), paths)
+        return applied.updates, state_cls(stats, held)
 
     tx = optax.GradientTransformation(init_fn, update_fn)
     return _fail_fast.wrap(tx, policy, state_cls._stats_name, axes)
+
+
+def _check_leaf_paths(state_cls, updates, held: LeafNorms) -> tuple[str, ...]:
+    """The leaves' paths of ``updates``; raises unless ``held`` has the same."""
+    paths = leaf_paths(updates)
+    if paths != held.paths:
+        raise ValueError(
+            f"optax_clip.{state_cls._stats_name}(leaf_norms=True): the state "
+            "holds one norm per leaf of the parameters given to init, and the "
+            f"updates have other leaves (state: {list(held.paths)}, updates: "
+            f"{list(paths)}). Call init with parameters shaped like the updates."
+        )
+    return paths
+
+
+def _global_norm_step(p, axes, per_leaf):
+    """The measure step: the global norm, and with ``per_leaf`` each leaf's.
+
+    With ``per_leaf`` the gradients are still read once: the global norm is
+    taken from the per-leaf norms (it may differ from the direct one by
+    rounding).
+    """
+
+    def measure(updates):
+        if not per_leaf:
+            return _norms.global_norm(updates, p, axes), None
+        norms = _norms.leaf_norms(updates, p, axes)
+        return _norms.norm_of_values(norms, p), norms
+
+    return measure
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -41,10 +89,16 @@ class ClipByGlobalNormState(NamedTuple):
 
     Attributes:
       clip_stats: :class:`optax_clip.ClipStats` of the last step.
+      leaf_pre_clip_norms: ``None``, or with ``leaf_norms=True`` the norm of
+        each leaf of the last step's incoming updates: a ``LeafNorms`` whose
+        ``values`` is a float32 vector (leaf order) and ``paths`` the leaves'
+        paths (read them with :func:`optax_clip.get_stats`).
     """
 
     clip_stats: ClipStats
+    leaf_pre_clip_norms: Any = None
     _stats_name = "clip_by_global_norm"
+    _stats_leaf_norms = "leaf_pre_clip_norms"
 
 
 def clip_by_global_norm(
@@ -53,6 +107,7 @@ def clip_by_global_norm(
     *,
     nonfinite: _validation.NonFinitePolicy = "propagate",
     axis_name: _validation.AxisName = None,
+    leaf_norms: bool = False,
 ) -> optax.GradientTransformation:
     r"""Scales the whole update so that its global norm is at most ``max_norm``.
 
@@ -103,6 +158,14 @@ def clip_by_global_norm(
       axis_name: name (or tuple of names) of the mapped axes (``pmap``,
         ``shard_map``) over which the update is sharded; the norm is then
         global across devices. Leave ``None`` under plain or sharded ``jit``.
+      leaf_norms: also keep the norm of each leaf (before clipping) in the
+        state, as ``leaf_pre_clip_norms``: :func:`optax_clip.get_stats` reports
+        them as ``"clip_by_global_norm/leaf_norm/<path>"`` (``<path>`` the
+        leaf's path in the updates, e.g. ``layer1/w``), to see which layer
+        spiked. The gradients are still read once (the global norm is taken
+        from the per-leaf norms, and may differ from the default's by
+        rounding); ``init`` must then get parameters shaped like the updates.
+        Default ``False``: the state holds ``None`` there.
 
     Returns:
       An :class:`optax.GradientTransformation` whose state is a
@@ -117,6 +180,11 @@ def clip_by_global_norm(
       Array([2.1213202, 2.828427 ], dtype=float32)
       >>> float(state.clip_stats.pre_clip_norm), int(state.clip_stats.is_clipped)
       (7.0710678..., 1)
+      >>> tx = optax_clip.clip_by_global_norm(max_norm=5.0, leaf_norms=True)
+      >>> _, state = tx.update(grads, tx.init(grads))
+      >>> stats = optax_clip.get_stats(state, fields=("leaf_norm",))
+      >>> {k: float(v) for k, v in stats.items()}  # each leaf's norm
+      {'clip_by_global_norm/leaf_norm/a': 5.0, 'clip_by_global_norm/leaf_norm/b': 5.0}
 
     References:
       Pascanu et al., `On the difficulty of training Recurrent Neural Networks
@@ -124,13 +192,18 @@ def clip_by_global_norm(
     """
     p, policy, axes = _validation.norm_clip(norm_type, nonfinite, axis_name)
     valid = _validation.nonnegative("max_norm", max_norm)
+    per_leaf = _validation.flag("leaf_norms", leaf_norms)
+    measure = _global_norm_step(p, axes, per_leaf)
 
     def step(updates):
-        norm = _norms.global_norm(updates, p, axes)
+        norm, norms = measure(updates)
         threshold = _apply.threshold_array(max_norm, norm.dtype, valid)
-        return _apply.apply_global(updates, norm, threshold, policy), threshold
+        applied = _apply.apply_global(updates, norm, threshold, policy)
+        return (applied, threshold) + ((norms,) if per_leaf else ())
 
-    return _fixed_threshold(ClipByGlobalNormState, max_norm, step, policy, axes)
+    return _fixed_threshold(
+        ClipByGlobalNormState, max_norm, step, policy, axes, per_leaf
+    )
 
 
 class ClipByBlockNormState(NamedTuple):
@@ -421,10 +494,16 @@ class SoftClipByGlobalNormState(NamedTuple):
     Attributes:
       clip_stats: :class:`optax_clip.ClipStats` of the last step
         (``is_clipped`` is 1 when the norm was above the knee).
+      leaf_pre_clip_norms: ``None``, or with ``leaf_norms=True`` the norm of
+        each leaf of the last step's incoming updates: a ``LeafNorms`` whose
+        ``values`` is a float32 vector (leaf order) and ``paths`` the leaves'
+        paths (read them with :func:`optax_clip.get_stats`).
     """
 
     clip_stats: ClipStats
+    leaf_pre_clip_norms: Any = None
     _stats_name = "soft_clip_by_global_norm"
+    _stats_leaf_norms = "leaf_pre_clip_norms"
 
 
 def soft_clip_factor(knee: Any):
@@ -459,6 +538,7 @@ def soft_clip_by_global_norm(
     *,
     nonfinite: _validation.NonFinitePolicy = "propagate",
     axis_name: _validation.AxisName = None,
+    leaf_norms: bool = False,
 ) -> optax.GradientTransformation:
     r"""Smoothly scales the update so its global norm saturates at ``max_norm``.
 
@@ -495,6 +575,10 @@ def soft_clip_by_global_norm(
         or ``"raise"``.
       axis_name: mapped axes over which the update is sharded (see
         :func:`clip_by_global_norm`).
+      leaf_norms: also keep the norm of each leaf (before clipping) in the
+        state, reported by :func:`optax_clip.get_stats` as
+        ``"soft_clip_by_global_norm/leaf_norm/<path>"`` (see
+        :func:`clip_by_global_norm`). Default ``False``.
 
     Returns:
       An :class:`optax.GradientTransformation` whose state is a
@@ -521,10 +605,15 @@ def soft_clip_by_global_norm(
         _validation.in_range("knee", knee, 0.0, 1.0),
     )
     factor = soft_clip_factor(knee)
+    per_leaf = _validation.flag("leaf_norms", leaf_norms)
+    measure = _global_norm_step(p, axes, per_leaf)
 
     def step(updates):
-        norm = _norms.global_norm(updates, p, axes)
+        norm, norms = measure(updates)
         threshold = _apply.threshold_array(max_norm, norm.dtype, valid)
-        return _apply.apply_global(updates, norm, threshold, policy, factor), threshold
+        applied = _apply.apply_global(updates, norm, threshold, policy, factor)
+        return (applied, threshold) + ((norms,) if per_leaf else ())
 
-    return _fixed_threshold(SoftClipByGlobalNormState, max_norm, step, policy, axes)
+    return _fixed_threshold(
+        SoftClipByGlobalNormState, max_norm, step, policy, axes, per_leaf
+    )

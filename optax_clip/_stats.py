@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_clip import _validation
+from optax_clip import _validation, _xla_cpu
 
 
 class ClipStats(NamedTuple):
@@ -48,6 +48,54 @@ class ClipStats(NamedTuple):
     num_updates: jax.Array
     num_clipped: jax.Array
     num_nonfinite: jax.Array
+
+
+def leaf_paths(tree: Any) -> tuple[str, ...]:
+    """Each leaf's path in ``tree``, its parts joined by ``/`` (``"layer1/w"``)."""
+    found = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return tuple("/".join(_key_str(k) for k in path) for path, _ in found)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class LeafNorms:
+    """One norm per leaf of the updates, kept in a state (``leaf_norms=True``).
+
+    A single float32 vector rather than a tree of scalars: one buffer in the
+    state, not one per leaf (each is an argument and a result of a jitted
+    step). :func:`get_stats` reads it out as one key per leaf.
+
+    Attributes:
+      values: float32 array of shape ``(number of leaves,)``, in leaf order
+        (the order of ``jax.tree.leaves(updates)``).
+      paths: each leaf's path in the updates, its parts (dict keys, attribute
+        names, sequence indices) joined by ``/``; static (part of the tree
+        structure, not an array), ``""`` for a single array.
+    """
+
+    __slots__ = ("values", "paths")
+
+    def __init__(self, values: Any, paths: tuple[str, ...]):
+        self.values = values
+        self.paths = tuple(paths)
+
+    @classmethod
+    def zeros(cls, tree: Any) -> LeafNorms:
+        """Zeros, one per leaf of ``tree``."""
+        paths = leaf_paths(tree)
+        return cls(jnp.zeros((len(paths),), jnp.float32), paths)
+
+    def tree_flatten_with_keys(self):
+        return ((jax.tree_util.GetAttrKey("values"), self.values),), self.paths
+
+    def tree_flatten(self):
+        return (self.values,), self.paths
+
+    @classmethod
+    def tree_unflatten(cls, paths, children):
+        return cls(children[0], paths)
+
+    def __repr__(self) -> str:
+        return f"LeafNorms(values={self.values!r}, paths={self.paths!r})"
 
 
 def init_clip_stats(threshold: Any = 0.0) -> ClipStats:
@@ -159,7 +207,12 @@ def window_moments(values: jax.Array, length: jax.Array, ddof: int = 0):
 #   _stats_fields: the extra keys it reports, names of its fields or of
 #     properties (a property gives a short key to a field whose name stays
 #     distinctive for optax.tree.get: a guard's num_updates is guard_num_updates).
+#   _stats_leaf_norms: the name of a field that is None or a tree of per-leaf
+#     scalars, reported as "leaf_norm/<path in the tree>" (LEAF_NORM).
 # A field named clip_stats (a ClipStats) adds the ClipStats fields.
+
+#: The ``fields=`` name of the per-leaf norms, and the first part of their keys.
+LEAF_NORM = "leaf_norm"
 
 
 def _unwrap(x: Any) -> Any:
@@ -231,6 +284,19 @@ def _owners(state: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple, Any]]:
                 yield from _owners(child, node_path + (child_name,))
 
 
+def _leaf_values(node: Any) -> dict[str, Any]:
+    """``{"leaf_norm/<path>": value}`` of an owner's per-leaf norms ({} if off)."""
+    field = getattr(type(node), "_stats_leaf_norms", None)
+    held = None if field is None else getattr(node, field)
+    if held is None or not held.paths:
+        return {}
+    values = jnp.asarray(_unwrap(held.values))
+    # One slice per entry compiles slowly on XLA:CPU (see _xla_cpu.entries).
+    scalars = [e for (e,) in _xla_cpu.entries((values,))]
+    keys = ["/".join((LEAF_NORM, p)) if p else LEAF_NORM for p in held.paths]
+    return dict(zip(keys, scalars, strict=True))
+
+
 def _holds_owner(tree: Any) -> bool:
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=_is_stats_owner)
     return any(_is_stats_owner(x) for x in leaves)
@@ -248,6 +314,8 @@ def _values(node: Any, wanted: frozenset[str] | None) -> dict[str, Any]:
     values = {
         k: _unwrap(v) for k, v in sources.items() if wanted is None or k in wanted
     }
+    if wanted is None or LEAF_NORM in wanted:
+        values.update(_leaf_values(node))
     for key in _derived(tuple(sources)):
         if wanted is not None and key not in wanted:
             continue
@@ -375,6 +443,15 @@ def get_stats(
       rescaled, and with a NaN or Inf (int32, saturating).
     * ``clip_fraction``: ``num_clipped / max(num_updates, 1)`` (float32,
       computed by ``get_stats``).
+
+    ``clip_by_global_norm`` and ``soft_clip_by_global_norm`` built with
+    ``leaf_norms=True`` add one key per leaf of the updates:
+    ``"<method>/leaf_norm/<path>"``, the leaf's norm before clipping
+    (float32), where ``<path>`` is the leaf's path in the updates with its
+    parts (dict keys, attribute names, list and tuple indices) joined by
+    ``/``: ``clip_by_global_norm/leaf_norm/layer1/w`` for
+    ``grads["layer1"]["w"]``, ``.../leaf_norm`` alone for a single array.
+    ``fields=("leaf_norm",)`` selects them all.
 
     Adaptive clips add:
 
@@ -522,6 +599,7 @@ def _wanted(fields: Sequence[str] | None, found: list[type]) -> frozenset[str] |
     if not wanted:
         raise ValueError("fields must name at least one field (or be None: all).")
     known = {k for cls in [*_known_owners(), *found] for k in stats_keys(cls)}
+    known.add(LEAF_NORM)
     unknown = [f for f in wanted if f not in known]
     if unknown:
         raise ValueError(
@@ -535,7 +613,11 @@ def _check_reported(wanted: frozenset[str], owners: list) -> None:
     """Raises if a wanted field is reported by no transform in the state."""
     reported: dict[str, tuple[str, ...]] = {}
     for _, node in owners:
-        reported.setdefault(type(node)._stats_name, stats_keys(type(node)))
+        keys = stats_keys(type(node)) + ((LEAF_NORM,) if _leaf_values(node) else ())
+        reported[type(node)._stats_name] = reported.get(type(node)._stats_name, ())
+        reported[type(node)._stats_name] += tuple(
+            k for k in keys if k not in reported[type(node)._stats_name]
+        )
     every = {k for keys in reported.values() for k in keys}
     missing = sorted(wanted - every)
     if missing:
