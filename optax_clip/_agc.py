@@ -184,24 +184,8 @@ def adaptive_grad_clip(
         return AdaptiveGradClipState(init_clip_stats(math.inf), jnp.zeros((), _I32))
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError(
-                "adaptive_grad_clip needs the parameters: call "
-                "tx.update(updates, state, params)."
-            )
-        g_leaves, g_def = jax.tree.flatten(updates)
-        p_leaves, p_def = jax.tree.flatten(params)
-        if g_def != p_def:
-            raise ValueError(
-                "adaptive_grad_clip: params must have the same tree structure as "
-                f"the updates; got updates {g_def} and params {p_def}."
-            )
-        for g, p in zip(g_leaves, p_leaves, strict=True):
-            if jnp.shape(g) != jnp.shape(p):
-                raise ValueError(
-                    "adaptive_grad_clip: each parameter must have the shape of its "
-                    f"update; got {jnp.shape(p)} for an update of {jnp.shape(g)}."
-                )
+        g_leaves = jax.tree.leaves(updates)
+        p_leaves = _validation.matching_params("adaptive_grad_clip", updates, params)
         _validation.float_leaves(updates)
         if not g_leaves:
             zero = jnp.zeros((), _F32)

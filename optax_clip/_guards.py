@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from optax_clip import _norms, _skippable, _validation, _xla_cpu
-from optax_clip._stats import count_if
+from optax_clip._stats import count_if, window_push
 
 _F32 = jnp.float32
 _I32 = jnp.int32
@@ -482,10 +482,7 @@ def _outlier(x, finite, window, pos, length, size, sigma, min_history):
     z = jnp.where(std > 0, excess / safe_std, jnp.where(excess > 0, jnp.inf, 0.0))
     zscore = jnp.where(active & finite, z, 0.0)
     level = jnp.where(active, mean + sigma * std, jnp.inf)
-    new_window = jnp.where(finite, window.at[pos].set(x), window)
-    new_pos = jnp.where(finite, (pos + 1) % size, pos).astype(_I32)
-    new_len = jnp.where(finite, jnp.minimum(length + 1, size), length).astype(_I32)
-    return _Outlier(spike, zscore, level, new_window, new_pos, new_len)
+    return _Outlier(spike, zscore, level, *window_push(window, pos, length, x, finite))
 
 
 def skip_on_spike(

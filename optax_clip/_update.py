@@ -267,28 +267,6 @@ class ClipUpdateByParamNormState(NamedTuple):
     _stats_fields = ("param_clipped_tensors",)
 
 
-def _matching_params(name: str, updates: Any, params: Any) -> list:
-    """The leaves of ``params``; raises unless shaped like ``updates``."""
-    if params is None:
-        raise ValueError(
-            f"{name} needs the parameters: call tx.update(updates, state, params)."
-        )
-    u_leaves, u_def = jax.tree.flatten(updates)
-    p_leaves, p_def = jax.tree.flatten(params)
-    if u_def != p_def:
-        raise ValueError(
-            f"{name}: params must have the same tree structure as the updates; "
-            f"got updates {u_def} and params {p_def}."
-        )
-    for u, p in zip(u_leaves, p_leaves, strict=True):
-        if jnp.shape(u) != jnp.shape(p):
-            raise ValueError(
-                f"{name}: each parameter must have the shape of its update; got "
-                f"{jnp.shape(p)} for an update of {jnp.shape(u)}."
-            )
-    return p_leaves
-
-
 def clip_update_by_param_norm(
     max_ratio: jax.typing.ArrayLike,
     min_param_norm: jax.typing.ArrayLike = 1e-3,
@@ -366,7 +344,7 @@ def clip_update_by_param_norm(
         return ClipUpdateByParamNormState(init_clip_stats(jnp.inf), jnp.zeros((), _I32))
 
     def update_fn(updates, state, params=None):
-        p_leaves = _matching_params(name, updates, params)
+        p_leaves = _validation.matching_params(name, updates, params)
         u_leaves = _validation.float_leaves(updates)
         n = len(u_leaves)
         norms = _norms.leaf_norms((u_leaves, p_leaves), 2.0, axes)

@@ -300,3 +300,25 @@ def _is_float(x: Any) -> bool:
         return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
     except TypeError:
         return False
+
+
+def matching_params(name: str, updates: Any, params: Any) -> list:
+    """The leaves of ``params``; raises unless shaped like ``updates``."""
+    if params is None:
+        raise ValueError(
+            f"{name} needs the parameters: call tx.update(updates, state, params)."
+        )
+    u_leaves, u_def = jax.tree.flatten(updates)
+    p_leaves, p_def = jax.tree.flatten(params)
+    if u_def != p_def:
+        raise ValueError(
+            f"{name}: params must have the same tree structure as the updates; "
+            f"got updates {u_def} and params {p_def}."
+        )
+    for u, p in zip(u_leaves, p_leaves, strict=True):
+        if jnp.shape(u) != jnp.shape(p):
+            raise ValueError(
+                f"{name}: each parameter must have the shape of its update; got "
+                f"{jnp.shape(p)} for an update of {jnp.shape(u)}."
+            )
+    return p_leaves
