@@ -27,3 +27,12 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert "optax_clip.demo" in demo and "pytest" in tests
     ci = (ROOT / ".ci" / "run").read_text()
     assert tests in ci.splitlines()
+
+
+def test_every_public_function_is_in_the_transforms_table():
+    import optax_clip
+
+    table = README.split("## Transforms")[1].split("\n## ")[0]
+    functions = [n for n in optax_clip.__all__ if n[0].islower() and n != "get_stats"]
+    missing = [n for n in functions if f"`{n}" not in table]
+    assert not missing, f"README's transform table lacks {missing}"
