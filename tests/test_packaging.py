@@ -217,7 +217,8 @@ def test_tests_run_from_the_unpacked_sdist(sdist, tmp_path_factory):
             "-q",
             "-p",
             "no:cacheprovider",
-            "tests/test_norms.py",
+            "tests/test_public_api.py",  # every public name, docstring and Case
+            "tests/test_norms.py::test_no_overflow",
             "-x",
         ],
         cwd=src,

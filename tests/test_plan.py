@@ -10,6 +10,7 @@ with ``axis_name``), against NumPy float64.
 """
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -43,14 +44,20 @@ MODE_PARAMS = [
 ]
 
 
+@functools.cache
+def _jitted(name, p, mode):
+    """One jitted function per case: trees of the same shapes compile once."""
+    return jax.jit(lambda t: getattr(_norms, name)(t, p))
+
+
 def global_norm(tree, p=2.0, mode="planned"):
-    with MODES[mode]():  # traced (a new function) inside the mode
-        return jax.jit(lambda t: _norms.global_norm(t, p))(tree)
+    with MODES[mode]():  # a new tree structure is traced inside the mode
+        return _jitted("global_norm", p, mode)(tree)
 
 
 def leaf_norms(tree, p=2.0, mode="planned"):
     with MODES[mode]():
-        return np.asarray(jax.jit(lambda t: _norms.leaf_norms(t, p))(tree))
+        return np.asarray(_jitted("leaf_norms", p, mode)(tree))
 
 
 def check(tree, p, mode, rtol=2e-6, atol=0.0):
@@ -69,17 +76,23 @@ def assert_norm_gradient(g, t):
         np.testing.assert_allclose(gx, np.asarray(x, np.float64) / n, rtol=1e-5)
 
 
-def big_tree(seed=0, big=None):
-    """Leaves that take every path: stacked, alone, grouped, bf16, empty, None."""
+def big_tree(seed=0, big=None, mode="planned"):
+    """Leaves that take every path: stacked, alone, grouped, bf16, empty, None.
+
+    Fewer leaves of each kind when ``mode`` is "unplanned" (each leaf reduced
+    on its own: one leaf of a kind covers the path, and these programs
+    compile slowly).
+    """
     rng = np.random.default_rng(seed)
+    n_same, n_tiny, n_size4 = (37, 25, 70) if mode == "planned" else (6, 8, 6)
 
     def arr(shape, dtype=jnp.float32, scale=1.0):
         return jnp.asarray(scale * rng.normal(size=shape), dtype)
 
     tree = {
-        "same": [arr((6, 5)) for _ in range(37)],  # stacked (30 values each)
-        "tiny": [arr((3,)) for _ in range(25)],  # stacked
-        "size4": [arr((2, 2) if i % 2 else (4,)) for i in range(70)],  # 2 stacks
+        "same": [arr((6, 5)) for _ in range(n_same)],  # stacked (30 values each)
+        "tiny": [arr((3,)) for _ in range(n_tiny)],  # stacked
+        "size4": [arr((2, 2) if i % 2 else (4,)) for i in range(n_size4)],  # 2 stacks
         "large": [arr((20_000,)) for _ in range(2)],  # alone
         "bf16": [arr((6, 5), jnp.bfloat16) for _ in range(4)],
         "f16": arr((7,), jnp.float16),
@@ -91,7 +104,8 @@ def big_tree(seed=0, big=None):
     if big is not None:
         tree["same"][5] = tree["same"][5].at[1, 2].set(big)
         tree["tiny"][7] = tree["tiny"][7].at[0].set(-big / 3)
-        tree["size4"][41] = tree["size4"][41].at[0].set(big)
+        k = min(41, n_size4 - 1)  # odd: a (2, 2) leaf
+        tree["size4"][k] = tree["size4"][k].at[0].set(big)
     return tree
 
 
@@ -99,13 +113,15 @@ def big_tree(seed=0, big=None):
 @pytest.mark.parametrize("p", P_TYPES)
 @pytest.mark.parametrize("big", [None, 1e30, 3e37, 1e-40])
 def test_norms_match_numpy(p, mode, big):
-    check(big_tree(1, big=big), p, mode)
+    check(big_tree(1, big=big, mode=mode), p, mode)
 
 
 @pytest.mark.parametrize("mode", MODE_PARAMS)
 def test_no_underflow(mode):
     # Squares of 1e-25 are below float32's smallest normal; every path rescales.
-    tree = jax.tree.map(lambda x: (x * 1e-25).astype(jnp.float32), big_tree(2))
+    tree = jax.tree.map(
+        lambda x: (x * 1e-25).astype(jnp.float32), big_tree(2, mode=mode)
+    )
     tree["bf16"] = None
     for p in (1.0, 2.0):
         check(tree, p, mode, rtol=1e-5)
@@ -115,8 +131,8 @@ def test_no_underflow(mode):
 @pytest.mark.parametrize("where", ["same", "tiny", "large"])
 def test_nonfinite(mode, where):
     for bad, is_bad in [(np.nan, np.isnan), (np.inf, np.isposinf)]:
-        tree = big_tree(3)
-        del tree["size4"]  # fewer leaves: the unplanned programs compile slowly
+        tree = big_tree(3, mode=mode)
+        del tree["size4"]  # fewer leaves to compile
         tree[where][1] = tree[where][1].at[0].set(bad)
         position = [
             i for i, x in enumerate(jax.tree.leaves(tree)) if x is tree[where][1]

@@ -589,7 +589,7 @@ def _close(got, want, dtype, all_f64):
 
 
 @pytest.mark.slow
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     tree=mixed_trees(),
     exp=st.sampled_from([-300, -30, -5, 0, 5, 30, 300]),

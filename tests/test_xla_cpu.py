@@ -116,22 +116,23 @@ _PLAIN_FORM_PARAMS = [
 def test_plain_forms_give_the_same_results(case, dtype):
     # Bitwise equal, but for the rescaled pass (its plain form sums without
     # compensation): the 1e30 tree takes it, and is compared within rounding.
-    for scale in (1.0, 1e30 if dtype == jnp.float32 else 1e-25):
-        grads = _tree(dtype, scale)
-        params = jax.tree.map(lambda x: jnp.full_like(x, 0.5), grads)
-        outs = []
-        for tuned in (True, False):
-            with _xla_cpu.forced(tuned):
-                tx = case.build()
-                update = jax.jit(tx.update)
+    scales = (1.0, 1e30 if dtype == jnp.float32 else 1e-25)
+    outs = {}
+    for tuned in (True, False):
+        with _xla_cpu.forced(tuned):  # traced here, once for both scales
+            tx = case.build()
+            update = jax.jit(tx.update)
+            for scale in scales:
+                grads = _tree(dtype, scale)
+                params = jax.tree.map(lambda x: jnp.full_like(x, 0.5), grads)
                 state = tx.init(params)
                 for _ in range(3):
                     out, state = update(grads, state, params, **case.extra_args)
-            outs.append((out, oc.get_stats(state)))
-        if scale == 1.0:
-            chex.assert_trees_all_equal(outs[0], outs[1])
-        else:
-            chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-5, atol=0)
+                outs[tuned, scale] = (out, oc.get_stats(state))
+    chex.assert_trees_all_equal(outs[True, 1.0], outs[False, 1.0])
+    chex.assert_trees_all_close(
+        outs[True, scales[1]], outs[False, scales[1]], rtol=1e-5, atol=0
+    )
 
 
 @pytest.mark.slow
