@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from optax_clip import _norms, _skippable, _validation, _xla_cpu
-from optax_clip._stats import count_if, window_push
+from optax_clip._stats import LeafNorms, count_if, matching_leaf_paths, window_push
 
 _F32 = jnp.float32
 _I32 = jnp.int32
@@ -207,6 +207,15 @@ def _short_names(cls, **fields: tuple[str, str]):
     return cls
 
 
+def _measure(name, updates, state, axes, per_leaf):
+    """The gradients' global 2-norm, and with ``per_leaf`` a :class:`LeafNorms`."""
+    norm, norms = _norms.global_and_leaf_norms(updates, 2.0, axes, per_leaf)
+    if not per_leaf:
+        return norm, None
+    paths = matching_leaf_paths(name, updates, state.guard_leaf_norms)
+    return norm, LeafNorms(norms.astype(_F32), paths)
+
+
 def _skip_counts(state, skip) -> dict[str, jax.Array]:
     """The counters both guards keep, after a step (``skip``: it was skipped)."""
     return {
@@ -235,6 +244,10 @@ class SkipNonfiniteState(NamedTuple):
         (int32, saturating). Keys ``skipped_steps`` and ``num_nonfinite``.
       skip_streak: number of consecutive skipped steps up to the last one
         (int32; 0 after a step that was applied).
+      guard_leaf_norms: ``None``, or with ``leaf_norms=True`` the 2-norm of
+        each leaf of the last step's gradients, skipped steps included: a
+        :class:`LeafNorms` (keys ``leaf_norm/<path>`` in
+        :func:`optax_clip.get_stats`).
     """
 
     guarded_state: Any
@@ -243,7 +256,9 @@ class SkipNonfiniteState(NamedTuple):
     guard_num_updates: jax.Array
     skipped_steps: jax.Array
     skip_streak: jax.Array
+    guard_leaf_norms: Any = None
     _stats_name = "skip_nonfinite"
+    _stats_leaf_norms = "guard_leaf_norms"
     _stats_fields = (
         "grad_norm",
         "is_skipped",
@@ -277,6 +292,7 @@ def skip_nonfinite(
     axis_name: Any = None,
     reset_every: int | None = None,
     reset_on_skip: bool = False,
+    leaf_norms: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Skips every step whose gradients hold a NaN or Inf, keeping ``inner``'s state.
 
@@ -313,6 +329,10 @@ def skip_nonfinite(
         See **Momentum reset** in :func:`skip_on_spike`.
       reset_on_skip: reset them on every skipped step, so that the step after
         it starts from zero moments (default False).
+      leaf_norms: also keep the 2-norm of each leaf of the gradients, on
+        skipped steps too (``skip_nonfinite/leaf_norm/<path>`` in
+        ``get_stats``); see ``leaf_norms`` in :func:`skip_on_spike`. Default
+        False.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -337,6 +357,7 @@ def skip_nonfinite(
     inner = _checked_inner("skip_nonfinite", inner)
     axes = _validation.axis_name(axis_name)
     reset = _reset_options(reset_every, reset_on_skip)
+    per_leaf = _validation.flag("leaf_norms", leaf_norms)
 
     def init_fn(params):
         zero_i = jnp.zeros((), _I32)
@@ -349,10 +370,11 @@ def skip_nonfinite(
             guard_num_updates=zero_i,
             skipped_steps=zero_i,
             skip_streak=zero_i,
+            guard_leaf_norms=LeafNorms.zeros(params) if per_leaf else None,
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        norm = _norms.global_norm(updates, 2.0, axes)
+        norm, held = _measure("skip_nonfinite", updates, state, axes, per_leaf)
         bad = ~jnp.isfinite(norm)
         loss = extra_args.get("loss")
         if loss is not None:
@@ -368,6 +390,7 @@ def skip_nonfinite(
             guard_grad_norm=norm.astype(_F32),
             guard_is_nonfinite=_flag(bad),
             **_skip_counts(state, bad),
+            guard_leaf_norms=held,
         )
         return out, new_state
 
@@ -412,6 +435,10 @@ class SkipOnSpikeState(NamedTuple):
       skipped_steps: total number of skipped steps (int32, saturating).
       skip_streak: number of consecutive skipped steps up to the last one
         (int32; 0 after a step that was applied).
+      guard_leaf_norms: ``None``, or with ``leaf_norms=True`` the 2-norm of
+        each leaf of the last step's gradients, skipped steps included: a
+        :class:`LeafNorms` (keys ``leaf_norm/<path>`` in
+        :func:`optax_clip.get_stats`), to see which layer spiked.
     """
 
     guarded_state: Any
@@ -432,7 +459,9 @@ class SkipOnSpikeState(NamedTuple):
     spike_steps: jax.Array
     skipped_steps: jax.Array
     skip_streak: jax.Array
+    guard_leaf_norms: Any = None
     _stats_name = "skip_on_spike"
+    _stats_leaf_norms = "guard_leaf_norms"
     _stats_fields = (
         "grad_norm",
         "grad_norm_threshold",
@@ -494,6 +523,7 @@ def skip_on_spike(
     axis_name: _validation.AxisName = None,
     reset_every: int | None = None,
     reset_on_skip: bool = False,
+    leaf_norms: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Skips steps whose gradient norm (or loss) spikes, keeping ``inner``'s state.
 
@@ -570,6 +600,13 @@ def skip_on_spike(
         See **Momentum reset** above.
       reset_on_skip: reset them on every skipped step, so that the step after
         it starts from zero moments (default False).
+      leaf_norms: also keep the 2-norm of each leaf of the gradients in the
+        state, on skipped steps too (where an inner clip's own statistics are
+        rolled back with the rest of the inner state): ``get_stats`` reads
+        them as ``<name>/leaf_norm/<path>``. The guard's norm is then the
+        norm of these (one read of the gradients, but no longer the same
+        computation as an inner clip's global norm, which XLA otherwise
+        shares). Default False.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -607,6 +644,7 @@ def skip_on_spike(
     )
     axes = _validation.axis_name(axis_name)
     reset = _reset_options(reset_every, reset_on_skip)
+    per_leaf = _validation.flag("leaf_norms", leaf_norms)
 
     def init_fn(params):
         zero_f, zero_i = jnp.zeros((), _F32), jnp.zeros((), _I32)
@@ -631,12 +669,13 @@ def skip_on_spike(
             spike_steps=zero_i,
             skipped_steps=zero_i,
             skip_streak=zero_i,
+            guard_leaf_norms=LeafNorms.zeros(params) if per_leaf else None,
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         s = jnp.asarray(sigma, _F32)
         need = jnp.asarray(min_history, _I32)
-        norm = _norms.global_norm(updates, 2.0, axes)
+        norm, held = _measure("skip_on_spike", updates, state, axes, per_leaf)
         finite = jnp.isfinite(norm)
         n = jnp.where(finite, norm, 0.0).astype(_F32)
         g = _outlier(
@@ -690,6 +729,7 @@ def skip_on_spike(
             guard_num_nonfinite=count_if(state.guard_num_nonfinite, nonfinite),
             spike_steps=count_if(state.spike_steps, spike),
             **_skip_counts(state, skip),
+            guard_leaf_norms=held,
         )
         return out, new_state
 

@@ -399,3 +399,18 @@ def tree_extremes(tree: Any, axis_name: tuple = ()):
     bottom = -jnp.max(combined(1, "max", -1.0))
     mag = _reduce.max_nonneg(combined(2, "max"))
     return top, bottom, mag
+
+
+def global_and_leaf_norms(
+    tree: Any, norm_type: float = 2.0, axis_name: tuple = (), per_leaf: bool = False
+):
+    """``(global norm, None)``, or with ``per_leaf`` ``(global norm, leaf norms)``.
+
+    With ``per_leaf`` the values are still read once: the global norm is the
+    norm of the per-leaf norms (:func:`norm_of_values`), which may differ from
+    :func:`global_norm` in the last bit.
+    """
+    if not per_leaf:
+        return global_norm(tree, norm_type, axis_name), None
+    norms = leaf_norms(tree, norm_type, axis_name)
+    return norm_of_values(norms, norm_type), norms

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -18,7 +19,12 @@ from optax_clip import (
     _norms,
     _validation,
 )
-from optax_clip._stats import ClipStats, LeafNorms, init_clip_stats, leaf_paths
+from optax_clip._stats import (
+    ClipStats,
+    LeafNorms,
+    init_clip_stats,
+    matching_leaf_paths,
+)
 
 
 def _fixed_threshold(
@@ -44,7 +50,8 @@ def _fixed_threshold(
             applied, threshold = step(updates)
             stats = _apply.record(state.clip_stats, applied, threshold)
             return applied.updates, state_cls(stats)
-        paths = _check_leaf_paths(state_cls, updates, state.leaf_pre_clip_norms)
+        held = state.leaf_pre_clip_norms
+        paths = matching_leaf_paths(state_cls._stats_name, updates, held)
         applied, threshold, norms = step(updates)
         stats = _apply.record(state.clip_stats, applied, threshold)
         held = LeafNorms(norms.astype(jnp.float32), paths)
@@ -52,36 +59,6 @@ def _fixed_threshold(
 
     tx = optax.GradientTransformation(init_fn, update_fn)
     return _fail_fast.wrap(tx, policy, state_cls._stats_name, axes)
-
-
-def _check_leaf_paths(state_cls, updates, held: LeafNorms) -> tuple[str, ...]:
-    """The leaves' paths of ``updates``; raises unless ``held`` has the same."""
-    paths = leaf_paths(updates)
-    if paths != held.paths:
-        raise ValueError(
-            f"optax_clip.{state_cls._stats_name}(leaf_norms=True): the state "
-            "holds one norm per leaf of the parameters given to init, and the "
-            f"updates have other leaves (state: {list(held.paths)}, updates: "
-            f"{list(paths)}). Call init with parameters shaped like the updates."
-        )
-    return paths
-
-
-def _global_norm_step(p, axes, per_leaf):
-    """The measure step: the global norm, and with ``per_leaf`` each leaf's.
-
-    With ``per_leaf`` the gradients are still read once: the global norm is
-    taken from the per-leaf norms (it may differ from the direct one by
-    rounding).
-    """
-
-    def measure(updates):
-        if not per_leaf:
-            return _norms.global_norm(updates, p, axes), None
-        norms = _norms.leaf_norms(updates, p, axes)
-        return _norms.norm_of_values(norms, p), norms
-
-    return measure
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -193,7 +170,9 @@ def clip_by_global_norm(
     p, policy, axes = _validation.norm_clip(norm_type, nonfinite, axis_name)
     valid = _validation.nonnegative("max_norm", max_norm)
     per_leaf = _validation.flag("leaf_norms", leaf_norms)
-    measure = _global_norm_step(p, axes, per_leaf)
+    measure = functools.partial(
+        _norms.global_and_leaf_norms, norm_type=p, axis_name=axes, per_leaf=per_leaf
+    )
 
     def step(updates):
         norm, norms = measure(updates)
@@ -606,7 +585,9 @@ def soft_clip_by_global_norm(
     )
     factor = soft_clip_factor(knee)
     per_leaf = _validation.flag("leaf_norms", leaf_norms)
-    measure = _global_norm_step(p, axes, per_leaf)
+    measure = functools.partial(
+        _norms.global_and_leaf_norms, norm_type=p, axis_name=axes, per_leaf=per_leaf
+    )
 
     def step(updates):
         norm, norms = measure(updates)

@@ -98,6 +98,22 @@ class LeafNorms:
         return f"LeafNorms(values={self.values!r}, paths={self.paths!r})"
 
 
+def matching_leaf_paths(name: str, updates: Any, held: LeafNorms) -> tuple[str, ...]:
+    """The leaves' paths of ``updates``; raises unless ``held`` has the same.
+
+    ``name``: the transform's name, for the message.
+    """
+    paths = leaf_paths(updates)
+    if paths != held.paths:
+        raise ValueError(
+            f"optax_clip.{name}(leaf_norms=True): the state holds one norm per "
+            "leaf of the parameters given to init, and the updates have other "
+            f"leaves (state: {list(held.paths)}, updates: {list(paths)}). Call "
+            "init with parameters shaped like the updates."
+        )
+    return paths
+
+
 def init_clip_stats(threshold: Any = 0.0) -> ClipStats:
     """Fresh statistics: zero counts, unit scale, the given threshold."""
     f32, i32 = jnp.float32, jnp.int32

@@ -172,6 +172,63 @@ def test_inject_hyperparams_max_norm_and_zero_meta_gradient():
     assert np.all(np.isfinite(grad))
 
 
+def test_guards_keep_the_leaf_norms_of_the_step_they_skip():
+    # An inner clip's statistics are rolled back with the inner state on a
+    # skipped step; the guard's own per-leaf norms show the spike.
+    params = {"layer1": {"w": jnp.ones((2, 3))}, "layer2": {"b": jnp.ones(3)}}
+    inner = optax.chain(oc.clip_by_global_norm(1.0, leaf_norms=True), optax.adam(0.1))
+    tx = oc.skip_on_spike(inner, window=4, sigma=3.0, leaf_norms=True)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    rng = np.random.default_rng(0)
+    calm = []
+    for _ in range(4):
+        g = jax.tree.map(
+            lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params
+        )
+        calm.append(g)
+        _, state = update(g, state, params)
+    spike = {"layer1": calm[-1]["layer1"], "layer2": {"b": jnp.full(3, 1e3)}}
+    before = state.guarded_state
+    out, state = update(spike, state, params)
+    got = oc.get_stats(state)
+    assert got["skip_on_spike/is_skipped"] == 1
+    assert not any(np.any(np.asarray(u)) for u in jax.tree.leaves(out))
+    want1 = reference.norm([np.asarray(spike["layer1"]["w"])], 2.0)
+    np.testing.assert_allclose(
+        got["skip_on_spike/leaf_norm/layer1/w"], want1, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        got["skip_on_spike/leaf_norm/layer2/b"], 1e3 * np.sqrt(3.0), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        got["skip_on_spike/grad_norm"], np.hypot(want1, 1e3 * np.sqrt(3.0)), 1e-6
+    )
+    # The inner clip's per-leaf norms are the last applied step's, as before.
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, state.guarded_state, before))
+    want_calm = reference.norm([np.asarray(calm[-1]["layer2"]["b"])], 2.0)
+    key = "clip_by_global_norm/leaf_norm/layer2/b"
+    np.testing.assert_allclose(got[key], want_calm, rtol=1e-6)
+
+
+def test_skip_nonfinite_leaf_norms_name_the_nan_leaf():
+    g = {"a": jnp.array([1.0, jnp.nan]), "b": jnp.array([3.0, 4.0])}
+    tx = oc.skip_nonfinite(optax.sgd(0.1), leaf_norms=True)
+    out, state = jax.jit(tx.update)(g, tx.init(g), g)
+    got = oc.get_stats(state, fields=("leaf_norm", "is_skipped"))
+    assert np.isnan(got["skip_nonfinite/leaf_norm/a"])
+    assert float(got["skip_nonfinite/leaf_norm/b"]) == 5.0
+    assert got["skip_nonfinite/is_skipped"] == 1
+    # Off by default: the state (and a checkpoint of it) is as before.
+    plain = oc.skip_nonfinite(optax.sgd(0.1)).init(g)
+    assert plain.guard_leaf_norms is None
+    assert len(jax.tree.leaves(plain)) + 1 == len(jax.tree.leaves(tx.init(g)))
+    with pytest.raises(TypeError, match="leaf_norms must be a bool"):
+        oc.skip_on_spike(optax.sgd(0.1), leaf_norms=1)
+    with pytest.raises(ValueError, match=r"state: \['a', 'b'\], updates: \['c'\]"):
+        tx.update({"c": jnp.ones(2)}, tx.init(g), g)
+
+
 @pytest.mark.usefixtures("n_devices")
 def test_shard_map_axis_name_gives_each_leafs_global_norm():
     mesh = jax.make_mesh((8,), ("data",))
