@@ -11,7 +11,8 @@ targets times 30), the same batches for every method, the final clean
 held-out MSE per seed. Methods: no clipping, ``clip_by_global_norm(1.0)``,
 ``spam_clip`` (SPAM's defaults, theta 5000, 20 warm-up steps; and theta 50,
 to see how much the threshold matters),
-``adaclip`` (Stable-SPAM's theta 0.999), ``skip_on_spike`` and
+``adaclip`` (Stable-SPAM's theta 0.999), ``adaclip`` then ``adagn``
+(Stable-SPAM without its momentum reset), ``skip_on_spike`` and
 ``skip_on_spike`` with ``reset_on_skip=True``; all around the same Adam;
 and Adam on the same data without the corrupted batches.
 
@@ -62,6 +63,7 @@ def outcome_methods(lr: float) -> dict[str, optax.GradientTransformation]:
         "spam_clip": oc.spam_clip(optax.adam(lr)),
         "spam_clip, theta=50": oc.spam_clip(optax.adam(lr), 50.0),
         "adaclip": optax.chain(oc.adaclip(), optax.adam(lr)),
+        "adaclip, adagn": optax.chain(oc.adaclip(), oc.adagn(), optax.adam(lr)),
         "skip_on_spike": oc.skip_on_spike(oc.adam(lr)),
         "skip_on_spike, reset_on_skip": oc.skip_on_spike(
             oc.adam(lr), reset_on_skip=True
@@ -99,6 +101,8 @@ def timing_variants() -> dict[str, optax.GradientTransformation]:
             oc.clip_by_global_norm(1.0), adamw()
         ),
         "chain(adaclip, adamw)": optax.chain(oc.adaclip(), adamw()),
+        "chain(adagn, adamw)": optax.chain(oc.adagn(), adamw()),
+        "chain(adaclip, adagn, adamw)": optax.chain(oc.adaclip(), oc.adagn(), adamw()),
         "spam_clip(adamw)": oc.spam_clip(adamw()),
         "skip_on_spike(oc.adamw)": oc.skip_on_spike(oc_adamw()),
         "skip_on_spike(oc.adamw, reset_on_skip)": oc.skip_on_spike(

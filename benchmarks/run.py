@@ -977,18 +977,28 @@ def _compile_case_key(row: dict) -> tuple:
     return (row["impl"], row["what"], row["leaves"], str(row["shape"]))
 
 
+def _train_step_key(row: dict) -> tuple:
+    return (row["model"], row["framework"], row["variant"])
+
+
+#: Sections merged row by row (a later file's row wins), by these keys.
+ROW_KEYS = {"d": _compile_case_key, "g": _train_step_key}
+
+
 def merge_runs(paths: list[Path]) -> tuple[dict, dict]:
     """Results and meta of several ``--json`` files; a later file's section wins
-    (compile cases of section d: a later file's case wins)."""
+    (sections d and g: a later file's row wins, the others' rows are kept, so a
+    run of a few train-step variants adds to an earlier run of all)."""
     results: dict[str, Any] = {}
     runs = []
     for path in paths:
         data = json.loads(Path(path).read_text())
         for section, rows in data["results"].items():
-            if section == "d" and "d" in results:  # compile cases, one by one
-                merged = {_compile_case_key(r): r for r in results["d"]}
-                merged.update({_compile_case_key(r): r for r in rows})
-                results["d"] = list(merged.values())
+            key = ROW_KEYS.get(section)
+            if key is not None and section in results:
+                merged = {key(r): r for r in results[section]}
+                merged.update({key(r): r for r in rows})
+                results[section] = list(merged.values())
             else:
                 results[section] = rows
         runs.append(data["meta"])

@@ -197,6 +197,7 @@ def variants(names: list[str] | None = None) -> dict[str, tuple[Any, bool]]:
         "adagc": lambda: oc.adagc(MAX_NORM, warmup_steps=0),
         "adaptive_grad_clip": lambda: oc.adaptive_grad_clip(100.0),
         "adaclip": lambda: oc.adaclip(),
+        "adagn": lambda: oc.adagn(),
     }
     out = {
         "adamw": (adamw(), False),

@@ -31,6 +31,7 @@ from optax_clip._guards import (
     skip_nonfinite,
     skip_on_spike,
 )
+from optax_clip._normalization import AdaGNState, adagn
 from optax_clip._per_example import (
     per_example_global_norm_clip,
     per_example_layer_norm_clip,
@@ -65,6 +66,7 @@ __version__ = "0.1.0"
 __all__ = (
     "AdaClipState",
     "AdaGCState",
+    "AdaGNState",
     "AdaptiveGradClipState",
     "AutoClipState",
     "ClipByBlockNormState",
@@ -85,6 +87,7 @@ __all__ = (
     "ZClipState",
     "adaclip",
     "adagc",
+    "adagn",
     "adam",
     "adamw",
     "adaptive_grad_clip",

@@ -198,15 +198,30 @@ def apply_per_leaf(
     else (StableAdamW's ``g / sqrt(v)``); the pre- and post-clip norms are
     then computed from them.
     """
+    num, den, clipped = clip_factor(norms, thresholds)
+    return apply_leaf_scales(
+        updates, norms, make_scale(num, den), clipped, policy, norm_type, reported
+    )
+
+
+def apply_leaf_scales(
+    updates, norms, scale: Scale, clipped, policy: str, norm_type: float, reported=None
+):
+    """Scales each leaf by its entry of ``scale`` (leaf order) under ``policy``.
+
+    The apply step of :func:`apply_per_leaf`, for a scale that is not
+    ``min(1, threshold / norm)`` (AdaGN's, which may exceed 1). ``norms``: the
+    leaves' norms (a NaN or Inf marks a bad leaf); ``clipped``: which leaves
+    count as clipped in the statistics.
+    """
     leaves, treedef = jax.tree.flatten(updates)
     if not leaves:
         zero = jnp.zeros((), jnp.float32)
         return Applied(updates, zero, zero, zero + 1, zero > 0, zero > 0)
     bad = ~jnp.isfinite(norms)
     any_bad = jnp.any(bad)
-    num, den, clipped = clip_factor(norms, thresholds)
     zero = jnp.broadcast_to(any_bad, bad.shape) if policy == "zero_update" else bad
-    scale = _with_policy(policy, make_scale(num, den), zero)
+    scale = _with_policy(policy, scale, zero)
     scale, any_bad = _reduce.fusion_barrier((scale, any_bad))
     new_leaves = []
     for x, s_i in zip(leaves, _xla_cpu.entries(scale), strict=True):

@@ -437,9 +437,9 @@ def adaclip(
     it). The EMA is fed the *unclipped* maximum. Nothing is clipped on the
     first step (:math:`\hat m_1 = M_1`). No optimizer state is needed: put it
     before the optimizer, ``chain(adaclip(), adamw(...))``. Stable-SPAM also
-    normalises the whole gradient (AdaGN) and resets the moments (MoRet, the
-    ``reset_every`` option of :func:`optax_clip.skip_on_spike`); AdaGN is not
-    provided here.
+    normalises each tensor's gradient (AdaGN, :func:`optax_clip.adagn`, chained
+    after this) and resets the moments (MoRet, the ``reset_every`` option of
+    :func:`optax_clip.skip_on_spike`).
 
     **Cost.** One pass for each leaf's largest magnitude and one elementwise
     pass (with the count of clipped coordinates): 2.6 to 3.0 times AdamW's

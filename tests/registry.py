@@ -231,6 +231,13 @@ CASES += [
         threshold=None,  # theta is an EMA decay in [0, 1), not a bound
         bound=None,
     ),
+    Case(
+        "adagn",
+        oc.adagn,
+        {"gamma1": 0.7, "gamma2": 0.9},
+        threshold=None,  # normalizes every step: no bound, no identity region
+        bound=None,
+    ),
 ]
 
 # Update clipping (issue 18): placed after the optimizer; stable_adamw is an

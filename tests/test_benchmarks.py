@@ -1,5 +1,6 @@
 """The benchmark harness runs end to end (tiny sizes; no timing is asserted)."""
 
+import json
 import math
 
 import jax
@@ -109,6 +110,27 @@ def test_sizes_and_shapes():
     shapes = run.leaf_shapes(10_000_000, 256)
     assert len(shapes) == 256 and shapes[0][1] == 128
     assert run.leaf_shapes(100, 4) == [(25,)] * 4
+
+
+def test_merge_keeps_train_step_rows_of_earlier_runs(tmp_path):
+    # Section g merges row by row: a later run of a few variants adds to (and
+    # replaces its own rows of) an earlier run of all.
+    def row(variant, ms):
+        return {"model": "m", "framework": "jax", "variant": variant, "ms": ms}
+
+    runs = [
+        {"g": [row("adamw", 1.0), row("clip", 1.1), row("guard", 1.2)]},
+        {"g": [row("adamw", 2.0), row("new", 2.2)]},
+    ]
+    paths = []
+    for i, results in enumerate(runs):
+        paths.append(tmp_path / f"{i}.json")
+        meta = {"load_start": i, "load_end": i}
+        paths[-1].write_text(json.dumps({"results": results, "meta": meta}))
+    results, meta = run.merge_runs(paths)
+    got = {r["variant"]: r["ms"] for r in results["g"]}
+    assert got == {"adamw": 2.0, "clip": 1.1, "guard": 1.2, "new": 2.2}
+    assert meta["load_start"] == 0 and meta["load_end"] == 1
 
 
 def test_train_step_section(tmp_path):
