@@ -47,6 +47,14 @@ def test_every_public_name_is_in_the_api_reference():
     assert documented == set(optax_clip.__all__)
 
 
+def test_every_module_is_in_the_development_guide():
+    # The module table a newcomer starts from names every module of the package.
+    guide = (DOCS / "development.md").read_text()
+    modules = sorted(p.name for p in (ROOT / "optax_clip").glob("*.py"))
+    missing = [m for m in modules if m != "__init__.py" and f"`{m}`" not in guide]
+    assert not missing, f"docs/development.md's module table lacks {missing}"
+
+
 def test_every_page_is_in_the_table_of_contents():
     index = (DOCS / "index.md").read_text()
     for page in [*PAGES, DOCS / "api.rst"]:  # every page, reachable
