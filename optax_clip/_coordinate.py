@@ -90,10 +90,24 @@ def _moments_per_leaf(name: str, updates: Any, nu: Any) -> list[Any]:
     return parts
 
 
+@jax.custom_jvp
 def _sqrt0(x: jax.Array) -> jax.Array:
-    """``sqrt(x)`` for ``x >= 0`` whose gradient is 0 (not inf) at ``x = 0``."""
+    """``sqrt(x)`` for ``x > 0``, else 0 (also for NaN); derivative 0 there.
+
+    One select inside the square root (``sqrt(0)`` is 0): XLA keeps the
+    result of a square root read by several kernels in memory, and a select
+    after it would be redone in each reader, which then reads ``x`` too.
+    """
+    return jnp.sqrt(jnp.where(x > 0, x, jnp.zeros_like(x)))
+
+
+@_sqrt0.defjvp
+def _sqrt0_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
     pos = x > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1)), jnp.zeros_like(x))
+    root = jnp.sqrt(jnp.where(pos, x, jnp.ones_like(x)))
+    y = jnp.where(pos, root, jnp.zeros_like(x))
+    return y, jnp.where(pos, t * (0.5 / root), jnp.zeros_like(t))
 
 
 def _bounded(g: jax.Array, a: jax.Array, bound: jax.Array) -> jax.Array:
@@ -327,9 +341,10 @@ def spam_clip(
             """``(|g|, sqrt(theta * v), where to clip)`` in float32 or wider."""
             acc = _reduce.accumulation_dtype(g.dtype)
             a = jnp.abs(g).astype(acc)
-            bound = root_theta.astype(acc) * _sqrt0(v.astype(acc))
+            r = _sqrt0(v.astype(acc))
+            bound = root_theta.astype(acc) * r
             # ~(a <= bound): a NaN bound (an invalid traced theta) clips.
-            return a, bound, active & (v > 0) & jnp.isfinite(a) & ~(a <= bound)
+            return a, bound, active & (r > 0) & jnp.isfinite(a) & ~(a <= bound)
 
         # Leaves the optimizer holds a moment for (not masked out, not empty).
         held = [

@@ -194,3 +194,14 @@ def test_compile_per_leaf_probe_runs(tmp_path):
     assert set(seconds) == set(compile_per_leaf.programs([jax.numpy.ones(2)] * 6))
     assert all(s > 0 for s in seconds.values())
     assert "| optax_clip.clip_by_block_norm |" in out.read_text()
+
+
+@pytest.mark.xla_cpu
+def test_update_clip_reproduction_reports_temporaries():
+    # docs/performance.md, section 9: XLA:CPU writes out one update-sized
+    # array for the product spelling, two for optax's and for a lax.cond.
+    from benchmarks import update_clip
+
+    text = update_clip.repro(rounds=1, shape=(512, 512))  # 1 MiB an array
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert [float(row.split("|")[4]) for row in rows] == [0.0, 2.0, 1.0, 2.0]

@@ -210,6 +210,40 @@ def test_spam_clip_gradient_wrt_theta_is_finite_at_zero():
         assert np.isfinite(float(grad(jnp.float32(theta))))
 
 
+def test_spam_clip_gradient_wrt_the_moment_is_zero_where_it_is_not_positive():
+    # d/dv of the bound sqrt(theta * v): 0 where v <= 0 (never inf or NaN).
+    g = {"w": jnp.array([5.0, 5.0, 5.0, 0.5])}
+    tx = oc.spam_clip(moments_only(), 1.0, warmup_steps=0)
+    state = tx.init(g)
+    nu = {"w": jnp.array([0.0, -1.0, 4.0, 4.0])}  # clipped: only entry 2
+    state = state._replace(spam_inner_state=state.spam_inner_state._replace(nu=nu))
+
+    def f(v):
+        inner = state.spam_inner_state._replace(nu={"w": v})
+        out, _ = tx.update(g, state._replace(spam_inner_state=inner))
+        return jnp.sum(out["w"])
+
+    # Entry 2 is fed sqrt(1 * 4) = 2: d/dv = 1 / (2 sqrt(4)) = 0.25.
+    np.testing.assert_array_equal(jax.jit(jax.grad(f))(nu["w"]), [0, 0, 0.25, 0])
+
+
+@pytest.mark.xla_cpu
+def test_spam_clip_copies_no_moment_in_a_donated_step():
+    # Every kernel reads the moment through one square root: before, the
+    # clip's test v > 0 read it in several kernels and XLA copied each
+    # second-moment buffer to update it in place (5x AdamW's step on CPU).
+    params = {f"w{i}": jnp.ones((64, 32)) for i in range(3)}
+    tx = oc.spam_clip(optax.adamw(1e-3))
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    hlo = jitted.lower(params, tx.init(params), params).compile().as_text()
+    assert hlo.count("f32[64,32]{1,0} copy(") == 0
+
+
 def test_spam_clip_rejects_inner_states_without_one_second_moment():
     params = {"w": jnp.zeros(2)}
     with pytest.raises(ValueError, match="found none"):
