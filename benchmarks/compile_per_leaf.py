@@ -30,6 +30,7 @@ from jax import lax
 
 import optax_clip as oc
 from benchmarks.run import leaf_shapes, make_tree
+from optax_clip import _norms
 
 
 def compile_seconds(fn, *args) -> float:
@@ -63,6 +64,10 @@ def programs(leaves: list[jax.Array]) -> dict[str, tuple]:
         "optax_clip.adagc": update(oc.adagc()),
         "optax_clip.adaptive_grad_clip": with_params(oc.adaptive_grad_clip(0.01)),
         "optax_clip.clip_by_global_norm": update(oc.clip_by_global_norm(1.0)),
+        "per-leaf norms alone (_norms.leaf_norms, both passes)": (
+            lambda g: _norms.leaf_norms(g),
+            (leaves,),
+        ),
         "each leaf times entry i of one vector": (
             lambda g, v: [x * entry(v, i) for i, x in enumerate(g)],
             (leaves, vec),

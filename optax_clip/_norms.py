@@ -11,9 +11,16 @@ Everything that squares, sums or maxes gradients goes through this module:
   ``s**(1/p)``; when ``m == 0`` (an all-zero leaf or tree) it is exactly 0.
   Subnormal values count as zero, as in XLA's arithmetic.
 * **Overflow and underflow.** Otherwise (the squares of a finite gradient
-  overflow, or underflow towards zero) the sum is redone with every value
-  multiplied by ``2**-e``, ``m < 2**e``: the norm is ``2**e (sum |x 2**-e|**p)
-  **(1/p)``. This second pass runs inside ``lax.cond``, only when needed.
+  overflow, or underflow towards zero) the sum is redone on rescaled values.
+  This second pass runs inside ``lax.cond``, only when needed. The global
+  norm multiplies every value by ``2**-e``, ``m < 2**e``: the norm is ``2**e
+  (sum |x 2**-e|**p)**(1/p)``. Per-leaf and per-unit norms sum the values
+  times two fixed powers of two instead, ``2**-K`` and ``2**K`` (``K`` from
+  :func:`_reduce.fixed_exponent`), and take the first where the plain sum
+  overflowed, the second where it underflowed: no factor per leaf to compute
+  and read out, which made this rarely-run pass most of the compile time of
+  a per-leaf clip. The results may differ from the global norm's rescaled
+  pass in the last bits; the plain pass is the same for all.
 * **Zero is safe.** The root uses the double-``where`` pattern: the norm of an
   all-zero tree is exactly 0 and its gradient is finite.
 * **Non-finite input** gives a NaN or Inf norm, exactly when some value is NaN
@@ -317,13 +324,16 @@ def unit_norms(arrays: Sequence[jax.Array], axes: Sequence[tuple[int, ...]]):
     plain = [_root(m, s, 2.0) for *_, s, m in todo]
 
     def rescaled():
-        # Same-shape arrays reduced over the same axes share one reduction
-        # (two outputs each: the values times 2**-K and times 2**K).
+        # Same-shape local arrays reduced over the same axes share one
+        # reduction (two outputs each: the values times 2**-K and times 2**K);
+        # an array that may be sharded is reduced on its own.
         groups: dict[Any, list[int]] = {}
         for j, (_, x, ax, *_) in enumerate(todo):
-            groups.setdefault((x.shape, x.dtype, ax, _plan.is_local(x)), []).append(j)
+            local = _plan.is_local(x)
+            key = (x.shape, x.dtype, ax, local, None if local else j)
+            groups.setdefault(key, []).append(j)
         sums: list[Any] = [None] * len(todo)
-        for (*_, ax, local), idx in groups.items():
+        for (_, _, ax, local, _), idx in groups.items():
             for start in range(0, len(idx), _plan.BRANCH_GROUP_SIZE):
                 part = idx[start : start + _plan.BRANCH_GROUP_SIZE]
                 xs = [todo[j][1] for j in part]
