@@ -187,15 +187,17 @@ def _rescaled(x: jax.Array, f1: jax.Array, f2: jax.Array, p: float) -> jax.Array
 def fixed_exponent(dtype: Any) -> int:
     """``K``: the rescaled pass of per-leaf norms multiplies by ``2**-K`` or ``2**K``.
 
-    Half the exponent range plus 20 (84 for float32, 532 for float64). When
-    the plain sum of a leaf overflowed (``max |x| >= 2**(E/2 - 16)`` for fewer
-    than ``2**32`` values, ``E`` the largest exponent), the values times
-    ``2**-K`` have squares below ``2**(E - 40)`` (no overflow for fewer than
-    ``2**40`` values), and only squares below ``2**-(2K - E + 2)`` of the
-    largest one's are flushed to zero. When it underflowed (``max |x| <
-    2**(-E/2)``), every normal value times ``2**K`` has a normal square and
-    none overflows. So two fixed factors do the work of one per leaf: no
-    per-leaf scalar to compute or read out, plain reductions.
+    Half the exponent range plus 20 (84 for float32, 532 for float64; ``E``
+    below is the largest exponent, 128 and 1024). When the plain sum of
+    squares of a leaf overflowed (``max |x| >= 2**(E/2 - 16)`` for fewer than
+    ``2**32`` values), the values times ``2**-K`` have squares below ``2**(E -
+    40)`` (no overflow for fewer than ``2**40`` values), and only squares below
+    ``2**(2K + 34 - 2E)`` times the largest one (``2**-54`` in float32) are
+    flushed to zero. When it underflowed (``max |x| < 2**(1 - E/2)``), every
+    normal value times ``2**K`` has a normal square, and none overflows. A sum
+    of magnitudes (``p = 1``) overflows only for ``max |x| >= 2**(E - 32)``
+    and underflows never. So two fixed factors do the work of one per leaf:
+    no per-leaf scalar to compute or read out, plain reductions.
     """
     return jnp.finfo(accumulation_dtype(dtype)).maxexp // 2 + 20
 
