@@ -30,6 +30,7 @@ from jax import lax
 
 import optax_clip as oc
 from benchmarks.run import leaf_shapes, make_tree
+from optax_clip import _apply, _norms
 
 
 def compile_seconds(fn, *args) -> float:
@@ -52,6 +53,11 @@ def programs(leaves: list[jax.Array]) -> dict[str, tuple]:
     def entry(v, i):
         return lax.reshape(lax.slice_in_dim(v, i, i + 1), ())
 
+    def plain_pass(g):
+        plan, dtype = _norms._prepare(g, ())
+        sums, maxes = _norms._plain_pass(plan, 2.0, dtype)
+        return jnp.concatenate(sums), jnp.concatenate(maxes)
+
     def with_params(tx):
         state = tx.init(leaves)
         return (lambda g, s: tx.update(g, s, g)[0]), (leaves, state)
@@ -63,6 +69,22 @@ def programs(leaves: list[jax.Array]) -> dict[str, tuple]:
         "optax_clip.adagc": update(oc.adagc()),
         "optax_clip.adaptive_grad_clip": with_params(oc.adaptive_grad_clip(0.01)),
         "optax_clip.clip_by_global_norm": update(oc.clip_by_global_norm(1.0)),
+        "per-leaf norms alone (_norms.leaf_norms, both passes)": (
+            lambda g: _norms.leaf_norms(g),
+            (leaves,),
+        ),
+        "plain pass of the per-leaf norms alone (sum and max)": (
+            plain_pass,
+            (leaves,),
+        ),
+        "apply step alone (_apply.apply_per_leaf, norms given)": (
+            lambda g, v: _apply.apply_per_leaf(g, v, v, "propagate", 2.0).updates,
+            (leaves, vec),
+        ),
+        "each leaf reduced by one jnp.sum alone": (
+            lambda g: jnp.stack([jnp.sum(x * x) for x in g]),
+            (leaves,),
+        ),
         "each leaf times entry i of one vector": (
             lambda g, v: [x * entry(v, i) for i, x in enumerate(g)],
             (leaves, vec),

@@ -224,9 +224,13 @@ def apply_leaf_scales(
     scale = _with_policy(policy, scale, zero)
     scale, any_bad = _reduce.fusion_barrier((scale, any_bad))
     new_leaves = []
-    for x, s_i in zip(leaves, _xla_cpu.entries(scale), strict=True):
+    # Two entries per leaf, not three (each read-out output costs compile
+    # time): the scale is exactly 1 iff hi == 1 and lo == 1 (make_scale:
+    # hi == value and lo == 1 for a normal scale, lo == value otherwise).
+    for x, (hi, lo) in zip(leaves, _xla_cpu.entries((scale.hi, scale.lo)), strict=True):
+        keep = (hi == 1) & (lo == 1)
         # zero_update zeroes every leaf when any is bad; propagate never zeroes.
-        new_leaves.append(_apply_leaf(policy, x, Scale(*s_i), any_bad))
+        new_leaves.append(_apply_leaf(policy, x, Scale(hi, hi, lo), any_bad, keep))
     reported = norms if reported is None else reported
     return Applied(
         jax.tree.unflatten(treedef, new_leaves),

@@ -11,9 +11,16 @@ Everything that squares, sums or maxes gradients goes through this module:
   ``s**(1/p)``; when ``m == 0`` (an all-zero leaf or tree) it is exactly 0.
   Subnormal values count as zero, as in XLA's arithmetic.
 * **Overflow and underflow.** Otherwise (the squares of a finite gradient
-  overflow, or underflow towards zero) the sum is redone with every value
-  multiplied by ``2**-e``, ``m < 2**e``: the norm is ``2**e (sum |x 2**-e|**p)
-  **(1/p)``. This second pass runs inside ``lax.cond``, only when needed.
+  overflow, or underflow towards zero) the sum is redone on rescaled values.
+  This second pass runs inside ``lax.cond``, only when needed. The global
+  norm multiplies every value by ``2**-e``, ``m < 2**e``: the norm is ``2**e
+  (sum |x 2**-e|**p)**(1/p)``. Per-leaf and per-unit norms sum the values
+  times two fixed powers of two instead, ``2**-K`` and ``2**K`` (``K`` from
+  :func:`_reduce.fixed_exponent`), and take the first where the plain sum
+  overflowed, the second where it underflowed: no factor per leaf to compute
+  and read out, which made this rarely-run pass most of the compile time of
+  a per-leaf clip. The results may differ from the global norm's rescaled
+  pass in the last bits; the plain pass is the same for all.
 * **Zero is safe.** The root uses the double-``where`` pattern: the norm of an
   all-zero tree is exactly 0 and its gradient is finite.
 * **Non-finite input** gives a NaN or Inf norm, exactly when some value is NaN
@@ -32,9 +39,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from optax_clip import _collectives, _plan, _reduce, _validation, _xla_cpu
+from optax_clip import _collectives, _plan, _reduce, _validation
 
 INF = math.inf
 accumulation_dtype = _reduce.accumulation_dtype
@@ -128,6 +136,23 @@ def _needs_rescale(s: jax.Array, m: jax.Array) -> jax.Array:
     return in_normal_range(m) & ~jnp.isnan(s) & ~in_normal_range(s)
 
 
+def _fixed_root(s, hi, lo, need, k: Any, p: float):
+    """The norms where ``need`` from the sums of :func:`_reduce.fixed_scaled_sums`.
+
+    ``hi`` (values times ``2**-k``) where the plain sum ``s`` overflowed,
+    ``lo`` (times ``2**k``) where it underflowed; both are positive where
+    ``need``. Elsewhere a placeholder (the caller keeps the plain norm).
+    """
+    over = s > 1
+    t = jnp.where(need, jnp.where(over, hi, lo), jnp.ones_like(s))
+    root = t if p == 1.0 else jnp.sqrt(t)
+    if isinstance(k, int):
+        up, down = jnp.asarray(2.0**k, s.dtype), jnp.asarray(2.0**-k, s.dtype)
+    else:  # a vector of exponents (leaves of different dtypes)
+        up, down = pow2(k, s.dtype), pow2(-k, s.dtype)
+    return root * jnp.where(over, up, down)
+
+
 # --------------------------------------------------------------------------
 # Global and per-leaf norms of trees.
 # --------------------------------------------------------------------------
@@ -161,36 +186,33 @@ def _units(plan: _plan.Plan):
         i = stop
 
 
-def _rescaled_sums(plan: _plan.Plan, p: float, f1: jax.Array, f2: jax.Array):
-    """``sum |x 2**-e|**p`` per row of every segment (segment order), a list.
+def _fixed_rescaled_sums(plan: _plan.Plan, p: float, dtype: Any):
+    """Per-row ``sum |x 2**-K|**p`` and ``sum |x 2**K|**p`` (segment order).
 
-    ``f1``, ``f2``: the two factors of ``2**-e`` for every row, in segment
-    order. The single leaves of a branch group share one fused reduction with
-    an output per leaf; stacks are reduced row by row.
+    Two vectors in ``dtype`` and the exponent ``K`` of each row (a NumPy
+    vector: ``K`` depends on the leaf's dtype only, see
+    :func:`_reduce.fixed_exponent`). The single leaves of a branch group
+    share one fused reduction with two outputs per leaf; a stack is reduced
+    row by row.
     """
-    parts, start = [], 0
-    # The factors of every row as scalars, when some leaf is not in a stack
-    # (a slice per leaf compiles slowly on XLA:CPU; see _xla_cpu.entries).
-    each = None
-    if not all(seg.stacked for seg in plan.segments):
-        each = _xla_cpu.entries((f1, f2))
+    his, los, ks = [], [], []
     for segs in _units(plan):
         if len(segs) > 1 and not segs[0].stacked:
-            g1, g2 = zip(*each[start : start + len(segs)], strict=True)
-            xs = [seg.array for seg in segs]
-            parts.append(_reduce.scaled_sums_each(xs, p, g1, g2).astype(f1.dtype))
-            start += len(segs)
-            continue
+            pairs = [_reduce.fixed_scaled_sums([seg.array for seg in segs], p)]
+        else:
+            pairs = [
+                _reduce.fixed_scaled_sums(
+                    [seg.array], p, 1 if seg.stacked else None, seg.local
+                )
+                for seg in segs
+            ]
+        for hi, lo in pairs:
+            his.append(jnp.reshape(hi, (-1,)).astype(dtype))
+            los.append(jnp.reshape(lo, (-1,)).astype(dtype))
         for seg in segs:
-            k = len(seg.leaves)
-            r1, r2 = (lax.slice_in_dim(f, start, start + k) for f in (f1, f2))
-            if seg.stacked:
-                t = _reduce.scaled_sum(seg.array, p, r1[:, None], r2[:, None], 1, True)
-            else:
-                t = _reduce.scaled_sum(seg.array, p, *each[start], None, seg.local)
-            parts.append(jnp.reshape(t, (-1,)).astype(f1.dtype))
-            start += k
-    return parts
+            k = _reduce.fixed_exponent(seg.array.dtype)
+            ks.extend([k] * len(seg.leaves))
+    return his, los, np.asarray(ks)
 
 
 def global_norm(tree: Any, norm_type: float = 2.0, axis_name: tuple = ()):
@@ -262,10 +284,16 @@ def leaf_norms(tree: Any, norm_type: float = 2.0, axis_name: tuple = ()):
     need = _needs_rescale(s, m)
 
     def rescaled():
-        e = exponent(m)
-        f1, f2 = _reduce.fusion_barrier(pow2_factors(e, dtype))
-        t = _collectives.combine(_rescaled_sums(plan, p, f1, f2), axes, "sum")
-        return jnp.where(need, _root(m, t, p, e), _root(m, s, p))
+        # The sums of the values times 2**-K (where the plain sum overflowed)
+        # or times 2**K (where it underflowed): see _reduce.fixed_exponent.
+        his, los, ks = _fixed_rescaled_sums(plan, p, dtype)
+        hi = _collectives.combine(his, axes, "sum")
+        lo = _collectives.combine(los, axes, "sum")
+        if np.all(ks == ks[0]):
+            k = int(ks[0])
+        else:
+            k = jnp.asarray(ks, float_bits(dtype)[0])
+        return jnp.where(need, _fixed_root(s, hi, lo, need, k, p), _root(m, s, p))
 
     return finish(lax.cond(jnp.any(need), rescaled, lambda: _root(m, s, p)))
 
@@ -293,20 +321,36 @@ def unit_norms(arrays: Sequence[jax.Array], axes: Sequence[tuple[int, ...]]):
         return out
     need = [_needs_rescale(s, m) for *_, s, m in todo]
     any_need = jnp.any(jnp.stack([jnp.any(n) for n in need]))
-
-    def plain():
-        return [_root(m, s, 2.0) for *_, s, m in todo]
+    plain = [_root(m, s, 2.0) for *_, s, m in todo]
 
     def rescaled():
+        # Same-shape local arrays reduced over the same axes share one
+        # reduction (two outputs each: the values times 2**-K and times 2**K);
+        # an array that may be sharded is reduced on its own.
+        groups: dict[Any, list[int]] = {}
+        for j, (_, x, ax, *_) in enumerate(todo):
+            local = _plan.is_local(x)
+            key = (x.shape, x.dtype, ax, local, None if local else j)
+            groups.setdefault(key, []).append(j)
+        sums: list[Any] = [None] * len(todo)
+        for (_, _, ax, local, _), idx in groups.items():
+            for start in range(0, len(idx), _plan.BRANCH_GROUP_SIZE):
+                part = idx[start : start + _plan.BRANCH_GROUP_SIZE]
+                xs = [todo[j][1] for j in part]
+                hi, lo = _reduce.fixed_scaled_sums(xs, 2.0, ax, local)
+                for q, j in enumerate(part):
+                    sums[j] = (hi[q], lo[q])
         norms = []
-        for (_, x, ax, s, m), n in zip(todo, need, strict=True):
-            e = exponent(m)
-            f1, f2 = pow2_factors(e, m.dtype)
-            t = _reduce.scaled_sum(x, 2.0, f1, f2, ax).reshape(m.shape)
-            norms.append(jnp.where(n, _root(m, t, 2.0, e), _root(m, s, 2.0)))
+        for (_, x, _, s, m), n, (hi, lo), r in zip(
+            todo, need, sums, plain, strict=True
+        ):
+            k = _reduce.fixed_exponent(x.dtype)
+            big = _fixed_root(s, hi.reshape(m.shape), lo.reshape(m.shape), n, k, 2.0)
+            norms.append(jnp.where(n, big, r))
         return norms
 
-    for (i, *_), norm in zip(todo, lax.cond(any_need, rescaled, plain), strict=True):
+    norms = lax.cond(any_need, rescaled, lambda: plain)
+    for (i, *_), norm in zip(todo, norms, strict=True):
         out[i] = norm
     return out
 

@@ -10,7 +10,8 @@ in two ways, and every norm goes through it:
   row by one kernel. A copy, so at most :data:`STACK_MAX_TOTAL` values in all.
 * **Branch groups.** In the rescaled pass (a ``lax.cond`` that rarely runs),
   up to :data:`BRANCH_GROUP_SIZE` other same-shape leaves share one fused
-  reduction with an output per leaf, when there are many of them.
+  reduction (of their sum for the global norm, with two outputs per leaf for
+  the per-leaf norms), when there are many of them.
 
 Only arrays whose layout is known to be local or replicated are stacked or
 grouped: combining leaves that are sharded differently would move data

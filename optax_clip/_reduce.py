@@ -5,7 +5,9 @@
   non-negative floats they are ordered like the values, every NaN is above
   ``inf`` (so a NaN is never dropped, which XLA's float max reductions do
   on CPU and across devices), and integer maxima are fast to reduce.
-* :func:`scaled_sums`: ``sum |x * f|**p`` for the rescaled pass.
+* :func:`scaled_sum_of_all`: ``sum |x * f|**p`` for the global norm's rescaled
+  pass; :func:`fixed_scaled_sums`: ``sum |x 2**-K|**p`` and ``sum |x 2**K|**p``
+  for the per-leaf and per-unit norms' one.
 * :func:`extremes`: ``max x``, ``min x`` and ``max |x|`` together.
 
 Each reads an array known to be local or replicated once, with one fused
@@ -192,15 +194,113 @@ def _rescaled(x: jax.Array, f1: jax.Array, f2: jax.Array, p: float) -> jax.Array
     return _summand(scale(a), p)
 
 
-def scaled_sum(x: jax.Array, p: float, f1, f2, axis=None, local=None) -> jax.Array:
-    """``sum |x * f1 * f2|**p`` over ``axis``; ``f1``, ``f2`` broadcast to ``x``."""
-    axes = _axes(x.ndim, axis)
-    summands = _rescaled(x, f1, f2, p)
-    if not axes:
-        return summands
-    if _xla_cpu.enabled() and (_plan.is_local(x) if local is None else local):
-        return _compensated_sums((summands,), axes)[0]
-    return jnp.sum(summands, axis=axes)
+def fixed_exponent(dtype: Any) -> int:
+    """``K``: the rescaled pass of per-leaf norms multiplies by ``2**-K`` or ``2**K``.
+
+    Half the exponent range plus 20 (84 for float32, 532 for float64; ``E``
+    below is the largest exponent, 128 and 1024). When the plain sum of
+    squares of a leaf overflowed (``max |x| >= 2**(E/2 - 16)`` for fewer than
+    ``2**32`` values), the values times ``2**-K`` have squares below ``2**(E -
+    40)`` (no overflow for fewer than ``2**40`` values), and only squares below
+    ``2**(2K + 34 - 2E)`` times the largest one (``2**-54`` in float32) are
+    flushed to zero. When it underflowed (``max |x| < 2**(1 - E/2)``), every
+    normal value times ``2**K`` has a normal square, and none overflows. A sum
+    of magnitudes (``p = 1``) overflows only for ``max |x| >= 2**(E - 32)``
+    and underflows never. So two fixed factors do the work of one per leaf:
+    no per-leaf scalar to compute or read out, plain reductions.
+    """
+    return jnp.finfo(accumulation_dtype(dtype)).maxexp // 2 + 20
+
+
+def fixed_scaled_sums(xs, p: float, axis=None, local: bool | None = None):
+    """``(sum |x_i 2**-K|**p, sum |x_i 2**K|**p)`` of same-shape ``xs``, stacked.
+
+    Two arrays of shape ``(len(xs), *reduced shape)`` in the accumulation
+    dtype of ``xs`` (``K``: :func:`fixed_exponent`); one fused reduction with
+    two outputs per array for local arrays, else ``jnp`` sums.
+    """
+    xs = tuple(xs)
+    axes = _axes(xs[0].ndim, axis)
+    if local is None:
+        local = all(_plan.is_local(x) for x in xs)
+    out = _fixed_sums(xs, p, axes, local)
+    return jnp.stack(out[0::2]), jnp.stack(out[1::2])
+
+
+def _fixed_factors(acc: Any) -> tuple[jax.Array, jax.Array]:
+    """``(2**-K, 2**K)`` in ``acc``, behind a barrier.
+
+    XLA would otherwise fold ``(a * c) * (a * c)`` into ``(a * a) * c**2``
+    (``c**2`` is beyond the float range, and ``a * a`` is what must not
+    underflow), and ``(a * c) * c`` into ``a * c**2``.
+    """
+    k = fixed_exponent(acc)
+    return lax.optimization_barrier(
+        (jnp.asarray(2.0**-k, acc), jnp.asarray(2.0**k, acc))
+    )
+
+
+def _fixed_summands(x: jax.Array, p: float, factors) -> tuple:
+    """``|x c|**p`` for each factor ``c`` elementwise (accumulation dtype)."""
+    acc = accumulation_dtype(x.dtype)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        parts = [_xla_cpu.convert(c, acc) for c in (lax.real(x), lax.imag(x))]
+        out = []
+        for f in factors:
+            re, im = (lax.mul(c, f) for c in parts)
+            sq = lax.add(lax.mul(re, re), lax.mul(im, im))
+            out.append(sq if p == 2.0 else lax.sqrt(sq))
+        return tuple(out)
+    a = _xla_cpu.convert(_xla_cpu.magnitude_in_branch(x), acc)
+    return tuple(_summand(lax.mul(a, f), p) for f in factors)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _fixed_sums(xs: tuple, p: float, axes: tuple, fused: bool) -> tuple:
+    """``(hi_0, lo_0, hi_1, lo_1, ...)``: one reduction, two outputs per array.
+
+    ``fused=False``: a ``jnp`` sum each (arrays that may be sharded).
+    """
+    operands = tuple(
+        s
+        for x in xs
+        for s in _fixed_summands(x, p, _fixed_factors(accumulation_dtype(x.dtype)))
+    )
+    if not fused:
+        return tuple(jnp.sum(a, axis=axes) for a in operands)
+    n = len(operands)
+
+    def add(u, v):
+        return tuple(lax.add(u[i], v[i]) for i in range(n))
+
+    inits = tuple(jnp.zeros((), a.dtype) for a in operands)
+    return tuple(lax.reduce(operands, inits, add, axes))
+
+
+@_fixed_sums.defjvp
+def _fixed_sums_jvp(p, axes, fused, primals, tangents):
+    """The tangent of each sum, with the values whose derivative overflows left out.
+
+    ``|x 2**K|**2`` of a large ``x`` overflows, and so does its derivative;
+    the caller then uses the other sum, but a zero cotangent times an
+    infinite derivative would still be NaN. Those values are left out of
+    the tangent (the sum is never used where any of them is present).
+    """
+    (xs,), (ts,) = primals, tangents
+    out = []
+    for x, t in zip(xs, ts, strict=True):
+        acc = accumulation_dtype(x.dtype)
+        for c in _fixed_factors(acc):
+            bound = lax.mul(lax.mul(magnitude(x, acc), c), lax.mul(c, c.dtype.type(2)))
+            keep = jnp.isfinite(bound)
+            x_in = jnp.where(keep, x, jnp.zeros_like(x))
+            t_in = jnp.where(keep, t, jnp.zeros_like(t))
+
+            def total(v, c=c):
+                return jnp.sum(_fixed_summands(v, p, (c,))[0], axis=axes)
+
+            out.append(jax.jvp(total, (x_in,), (t_in,))[1])
+    return _fixed_sums(xs, p, axes, fused), tuple(out)
 
 
 def scaled_sum_of_all(xs, p: float, f1, f2, local: bool) -> jax.Array:
@@ -217,23 +317,11 @@ def scaled_sum_of_all(xs, p: float, f1, f2, local: bool) -> jax.Array:
     return jnp.sum(total)
 
 
-def scaled_sums_each(xs, p: float, f1, f2) -> jax.Array:
-    """``sum |x_i * f1[i] * f2[i]|**p`` of same-shape local ``xs``, a vector.
-
-    ``f1``, ``f2``: vectors, or sequences of scalars (one per array).
-    """
-    summands = tuple(
-        _rescaled(x, f1[i], f2[i], p) for i, x in enumerate(xs)
-    )  # fmt: skip
-    axes = _axes(xs[0].ndim, None)
-    if _xla_cpu.enabled():
-        return _compensated_sums(summands, axes)
-    return jnp.stack([jnp.sum(s) for s in summands])
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _compensated_sums(arrays: tuple, axes: tuple) -> jax.Array:
     """Compensated (Neumaier) sums of same-shape ``arrays``: one kernel, stacked.
+
+    Used by the rescaled pass of the global norm (one reduction per unit).
 
     XLA:CPU hands a plain ``jnp.sum`` of computed values to YNNPACK, which
     writes the values out first; a reduction of two outputs is fused with

@@ -7,6 +7,7 @@ import pytest
 import reference
 
 from optax_clip import _norms as num
+from optax_clip import _xla_cpu
 
 P_TYPES = [1.0, 2.0, np.inf]
 
@@ -151,3 +152,104 @@ def test_norm_of_values():
     np.testing.assert_allclose(float(num.norm_of_values(vals, 1.0)), 7e30, rtol=1e-6)
     assert float(num.norm_of_values(vals, np.inf)) == pytest.approx(4e30)
     assert float(num.norm_of_values(jnp.zeros((0,)), 2.0)) == 0.0
+
+
+# --------------------------------------------------------------------------
+# The rescaled pass: two fixed factors (2**-K, 2**K) instead of one per leaf.
+# --------------------------------------------------------------------------
+
+# Values whose squares leave the float32 range both ways, the extremes of the
+# range, and shapes that take every path (a scalar, stacked and single leaves).
+EXTREMES = [3e38, 1e30, 2e19, 3e-20, 1e-25, 2e-38]
+
+
+def _extreme_tree(dtype=jnp.float32):
+    rng = np.random.default_rng(7)
+    tree = {}
+    for i, big in enumerate(EXTREMES):  # the scalar stays a normal float
+        tree[f"s{i}"] = jnp.asarray(big * rng.uniform(0.6, 1), dtype)
+        tree[f"v{i}"] = jnp.asarray(big * rng.uniform(-1, 1, size=(3,)), dtype)
+        tree[f"w{i}"] = jnp.asarray(big * rng.uniform(-1, 1, size=(5000,)), dtype)
+    tree["zero"] = jnp.zeros((4,), dtype)
+    tree["one"] = jnp.ones((4,), dtype)
+    return tree
+
+
+def _finite64(x):
+    return reference.flush_subnormals(x)
+
+
+@pytest.mark.parametrize("tuned", [True, False])
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_rescaled_leaf_norms_at_the_float_range_ends(p, tuned):
+    tree = _extreme_tree()
+    with _xla_cpu.forced(tuned):
+        got = np.asarray(jax.jit(lambda t: num.leaf_norms(t, p))(tree))
+    want = [reference.norm([_finite64(x)], p) for x in jax.tree.leaves(tree)]
+    finite = np.asarray(want) <= float(np.finfo(np.float32).max)
+    np.testing.assert_allclose(got[finite], np.asarray(want)[finite], rtol=1e-5)
+    assert np.all(got[~finite] == np.inf)  # the norm itself is beyond float32
+
+
+def test_rescaled_leaf_norms_float64_and_complex():
+    with jax.enable_x64(True):
+        tree = {
+            "f64_big": jnp.asarray([1e200, -3e199, 1.0], jnp.float64),
+            "f64_small": jnp.asarray([1e-200, 2e-200], jnp.float64),
+            "f32_big": jnp.asarray([3e38, 3e38], jnp.float32),  # norm > f32 max
+            "c64": jnp.asarray([3e30 + 4e30j, 1e-30j], jnp.complex64),
+            "c64_small": jnp.asarray([3e-25 - 4e-25j], jnp.complex64),
+        }
+        for p in (1.0, 2.0):
+            got = jax.jit(lambda t, p=p: num.leaf_norms(t, p))(tree)
+            assert got.dtype == jnp.float64
+            want = [reference.norm([x], p) for x in jax.tree.leaves(tree)]
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+
+
+def test_rescaled_pass_with_both_overflow_and_underflow_gradients():
+    # One leaf overflows, another underflows, in the same step: d||x||/dx = x/||x||
+    # in each (no NaN from the factor the leaf does not use).
+    tree = {
+        "big": jnp.asarray([3e30, -4e30, 1e29]),
+        "small": jnp.asarray([[3e-25, 4e-25], [0.0, 1e-25]]),
+        "plain": jnp.asarray([1.0, 2.0]),
+    }
+    weights = jnp.asarray([1.0, 2.0, 3.0])
+    for tuned in (True, False):
+        with _xla_cpu.forced(tuned):
+            g = jax.jit(jax.grad(lambda t: jnp.dot(num.leaf_norms(t), weights)))(tree)
+            gu = jax.jit(jax.grad(lambda x: jnp.sum(num.unit_norms([x], [(0,)])[0])))(
+                tree["small"]
+            )
+        for w, k in zip([1.0, 2.0, 3.0], sorted(tree), strict=True):
+            x = np.asarray(tree[k], np.float64)
+            np.testing.assert_allclose(g[k], w * x / reference.norm([x]), rtol=1e-5)
+        x = np.asarray(tree["small"], np.float64)
+        np.testing.assert_allclose(gu, x / np.linalg.norm(x, axis=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("tuned", [True, False])
+def test_rescaled_unit_norms(tuned):
+    # Same-shape arrays share one reduction in the rescaled pass; units of one
+    # array overflow, underflow or neither; units over () are elementwise.
+    rng = np.random.default_rng(8)
+    scales = np.asarray([3e38, 1e25, 1.0, 1e-25, 2e-38, 0.0])
+    arrays = [
+        jnp.asarray(rng.uniform(-1, 1, size=(7, 6)) * scales, jnp.float32)
+        for _ in range(3)
+    ]
+    arrays.append(jnp.asarray(rng.uniform(-1, 1, size=(5, 6)) * scales, jnp.bfloat16))
+    arrays.append(jnp.asarray(scales[:5], jnp.float32))
+    axes = [(0,), (0,), (0, 1), (0,), ()]
+    with _xla_cpu.forced(tuned):
+        got = jax.jit(lambda xs: num.unit_norms(xs, axes))(arrays)
+    for x, ax, g in zip(arrays, axes, got, strict=True):
+        a = np.abs(np.asarray(_finite64(x), np.float64))
+        m = np.max(a, axis=ax, keepdims=True) if ax else a
+        safe = np.where(m > 0, m, 1.0)
+        want = m * np.sqrt(np.sum((a / safe) ** 2, axis=ax, keepdims=True))
+        finite = want <= float(np.finfo(np.float32).max)
+        assert g.shape == want.shape and g.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(g)[finite], want[finite], rtol=1e-5)
+        assert np.all(np.asarray(g)[~finite] == np.inf)

@@ -67,21 +67,38 @@ def test_extremes_match_numpy(dtype):
     np.testing.assert_array_equal(g, [1.0, -1.0, 0.0])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_scaled_sums_match_numpy(dtype):
-    xs = [_values(dtype, i, (9, 5)) for i in range(3)]
-    f1 = jnp.asarray([0.5, 0.25, 2.0])
-    f2 = jnp.asarray([0.5, 1.0, 4.0])
-    want = [
-        np.sum((np.asarray(x, np.float64) * a * b) ** 2)
-        for x, a, b in zip(xs, f1, f2, strict=True)
-    ]
-    got = jax.jit(lambda xs: _reduce.scaled_sums_each(xs, 2.0, f1, f2))(xs)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    one = jax.jit(lambda x: _reduce.scaled_sum(x, 1.0, f1[0], f2[0], 1))(xs[0])
-    np.testing.assert_allclose(
-        one, np.sum(np.abs(np.asarray(xs[0], np.float64)) / 4, 1), 1e-5
-    )
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("local", [True, False])
+def test_fixed_scaled_sums_match_numpy(dtype, local):
+    # hi (times 2**-K) of values whose squares overflow float32, lo (times
+    # 2**K) of values whose squares underflow it.
+    k = _reduce.fixed_exponent(dtype)
+    assert k == 84 and _reduce.fixed_exponent(jnp.float16) == 84
+    for shift, pick in ((70, 0), (-70, 1)):
+        xs = [(_values(dtype, i, (9, 5)) * 2.0**shift).astype(dtype) for i in range(3)]
+        for p in (1.0, 2.0):
+            for axis in (None, 1):
+                got = jax.jit(
+                    lambda xs, p=p, axis=axis: _reduce.fixed_scaled_sums(
+                        xs, p, axis, local
+                    )
+                )(xs)[pick]
+                a = [np.abs(np.asarray(x, np.float64)) for x in xs]
+                want = np.stack([np.sum(v**p, axis=axis) for v in a])
+                assert got.shape == want.shape and got.dtype == jnp.float32
+                f = 2.0 ** (-k if pick == 0 else k)
+                np.testing.assert_allclose(got, want * f**p, rtol=1e-5)
+
+
+def test_scaled_sum_of_all_matches_numpy():
+    xs = [_values(jnp.float32, i, (9, 5)) for i in range(3)]
+    f1, f2 = jnp.float32(0.5), jnp.float32(0.25)
+    for local in (True, False):
+        got = jax.jit(
+            lambda xs, local=local: _reduce.scaled_sum_of_all(xs, 2.0, f1, f2, local)
+        )(xs)
+        want = sum(np.sum((np.asarray(x, np.float64) / 8) ** 2) for x in xs)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_fusion_barrier_is_the_identity():
