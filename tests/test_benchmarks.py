@@ -205,3 +205,17 @@ def test_update_clip_reproduction_reports_temporaries():
     text = update_clip.repro(rounds=1, shape=(512, 512))  # 1 MiB an array
     rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
     assert [float(row.split("|")[4]) for row in rows] == [0.0, 2.0, 1.0, 2.0]
+
+
+def test_compile_train_step_runs(tmp_path):
+    from benchmarks import compile_train_step
+
+    out = tmp_path / "c.md"
+    rows = compile_train_step.main(
+        ["--layers", "1", "--only", "adamw,clip_by_block_norm", "--out", str(out)]
+    )
+    got = {r["variant"]: r for r in rows}
+    assert set(got) == {"adamw", "clip_by_block_norm", "optax.clip_by_block_rms"}
+    assert got["adamw"]["ratio_adamw"] == 1.0
+    assert all(r["seconds"] > 0 and math.isfinite(r["ratio_optax"]) for r in rows)
+    assert "21 leaves" in out.read_text()  # 16 per layer, 2 embeddings, ...
