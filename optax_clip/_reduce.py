@@ -84,7 +84,9 @@ def sum_and_max(x: jax.Array, p: float, axis: Any = None, local: bool | None = N
         return jnp.sum(_summand(a, p), axis=axes), _nan_safe_max(a, axes)
     if len(axes) == x.ndim:
         return sum_and_max_of_all([x], p)
-    if x.ndim - 1 not in axes:  # the last axis kept: a reduction over columns
+    if x.ndim - 1 not in axes and x.dtype == accumulation_dtype(x.dtype):
+        # Over columns (the last axis kept), of values summed in their own
+        # dtype (a conversion would be written out first on XLA:CPU).
         return _fused_sum_and_max_many((x,), p, axes, apart=True)
     return _fused_sum_and_max_many((x,), p, axes)
 
@@ -111,10 +113,14 @@ def sum_and_max_of_all(xs, p: float):
 def _fused_sum_and_max_many(xs: tuple, p: float, axes: tuple, apart: bool = False):
     """Sum and max over ``axes`` of the elementwise sum and max of ``xs``.
 
-    One reduction of two outputs, whatever the number of same-shape arrays;
-    two reductions with ``apart`` (one output each, same values but for the
-    sum's rounding): XLA:CPU runs a two-output reduction over columns about
-    3x slower than the two apart (``adaptive_grad_clip``'s per-unit norms).
+    One reduction of two outputs, whatever the number of same-shape arrays.
+    With ``apart`` (one array), two reductions of one output each: XLA:CPU
+    runs a two-output reduction over columns 3-4x slower
+    (``adaptive_grad_clip``'s per-unit norms). The sum is then rounded
+    differently; the max is taken over floats (an integer max over columns
+    is written out first on XLA:CPU) and is NaN where the sum is, which is
+    where a value is NaN (the summands are >= 0). A max of subnormals may
+    come out 0: both count as zero in the norms.
     """
     acc = accumulation_dtype(xs[0].dtype)
     itype = _int_of(acc)
@@ -128,11 +134,11 @@ def _fused_sum_and_max_many(xs: tuple, p: float, axes: tuple, apart: bool = Fals
         return lax.add(u[0], v[0]), lax.max(u[1], v[1])
 
     zero = (jnp.zeros((), acc), jnp.zeros((), itype))
-    if apart:
+    if apart:  # one array: the max of |x| as floats, NaN restored from the sum
         total = lax.reduce(summand, zero[0], lax.add, axes)
-        top = lax.reduce(bits, zero[1], lax.max, axes)
-    else:
-        total, top = lax.reduce((summand, bits), zero, add_and_max, axes)
+        top = lax.reduce(magnitude(xs[0], acc), zero[0], lax.max, axes)
+        return total, jnp.where(jnp.isnan(total), total, top)
+    total, top = lax.reduce((summand, bits), zero, add_and_max, axes)
     return total, lax.bitcast_convert_type(top, acc)
 
 
