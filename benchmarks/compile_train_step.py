@@ -2,12 +2,12 @@
 
 Run it::
 
-  python -m benchmarks.compile_train_step                 # 187 layers: 3001 leaves
+  python -m benchmarks.compile_train_step                 # 187 layers: 2997 leaves
   python -m benchmarks.compile_train_step --layers 62     # 997 leaves
 
 The GPT-style Flax NNX model of ``benchmarks/train_step.py`` (section g), made
 deep and narrow (d=64, 4 heads, vocabulary 256, 16 tokens: small arrays, many
-of them): 16 leaves per layer, 3001 in all at 187 layers. Each variant's step
+of them): 16 leaves per layer, 2997 in all at 187 layers. Each variant's step
 (loss, ``value_and_grad``, ``optimizer.update``, one ``jit`` with donation) is
 traced and compiled ahead of time, once, and the seconds are reported with
 their ratio to the same step with optax's clip in the same position
