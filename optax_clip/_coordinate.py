@@ -269,10 +269,11 @@ def spam_clip(
 
     **Cost.** An elementwise pass over the gradient and :math:`v`, the
     pre-clip norm, and one more pass for the statistics (post-clip norm and
-    clipped coordinates). On a loaded 2-core CPU, one optimizer step of
-    ``spam_clip(adamw)`` took 3.4 to 6.7 times AdamW's alone at 5.3M float32
-    values (``python -m benchmarks.coordinate_clip timing``); not measured on
-    an accelerator.
+    clipped coordinates). On a 2-core CPU, one optimizer step of
+    ``spam_clip(adamw)`` took 1.6 to 2.1 times AdamW's alone at 5.3M float32
+    values (``python -m benchmarks.coordinate_clip timing``, three runs), and
+    a whole train step 1.05 to 1.18 times (section g of the harness); not
+    measured on an accelerator.
 
     Args:
       inner: the optimizer to wrap (see above for which).
@@ -457,9 +458,10 @@ def adaclip(
     :func:`optax_clip.skip_on_spike`).
 
     **Cost.** One pass for each leaf's largest magnitude and one elementwise
-    pass (with the count of clipped coordinates): 2.6 to 3.0 times AdamW's
-    optimizer step alone at 5.3M float32 values on a loaded 2-core CPU
-    (``python -m benchmarks.coordinate_clip timing``).
+    pass (with the count of clipped coordinates): 2.3 to 3.0 times AdamW's
+    optimizer step alone at 5.3M float32 values on a 2-core CPU
+    (``python -m benchmarks.coordinate_clip timing``), 1.06 to 1.08 times a
+    whole train step (section g of the harness).
 
     Non-finite policy: a step with any NaN or Inf leaves the EMA and the step
     count as they were. With ``"propagate"`` only a leaf whose own values

@@ -107,6 +107,11 @@ def adagn(
     bias-correction counters after a reset, which restart with the moments;
     here only Adam's does).
 
+    **Cost.** One read of the gradients for the per-leaf norms and one scale
+    pass: 1.17 times AdamW's optimizer step alone at 5.3M float32 values, and
+    1.02 to 1.07 times a whole train step, on a 2-core CPU (``python -m
+    benchmarks.coordinate_clip timing``; section g of the harness).
+
     The norms are measured per leaf in float32 without overflow, and
     :math:`\sqrt{v_t}` is kept as a root, so a gradient whose squares exceed
     the float range is still normalized in the right direction.

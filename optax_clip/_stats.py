@@ -488,6 +488,11 @@ def get_stats(
       largest magnitude (like ``clip_by_value``) and the largest leaf
       threshold as ``clip_threshold``; ``spam_clip`` its 2-norms and
       ``theta``.
+    * ``adagn``: ``adagn_steps`` (finite steps seen, the bias corrections'
+      ``t``, int32); its ``clip_scale`` is the smallest factor applied to a
+      leaf (it may exceed 1: AdaGN scales up too), ``clip_threshold`` the
+      largest target norm of a leaf, and ``is_clipped`` whether some leaf's
+      norm was lowered.
 
     ``clip_by_spectral_norm`` reports spectral norms (``pre_clip_norm`` and
     ``post_clip_norm`` are the largest top singular value over its matrices
