@@ -475,7 +475,9 @@ def report_lines(rows: list[dict]) -> list[str]:
         "1 - 1/ratio. Compile: ahead of time, trace and compile. torch: the same "
         "model in float32 with `clip_grad_norm_(model.parameters(), 1.0)` before "
         "`AdamW.step()`, timed in its own loop; absolute times across frameworks "
-        "on CPU say little, compare the ratios.",
+        "on CPU say little, compare the ratios. In a report merged from several "
+        "runs (see the top), each row comes from one of them and its ratio is to "
+        "that run's `adamw`: compare ratios, not milliseconds, across rows.",
         "",
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
