@@ -62,21 +62,23 @@ class Scale(NamedTuple):
 
 
 def make_scale(num: jax.Array, den: jax.Array) -> Scale:
-    """The :class:`Scale` ``num / den`` (``0 <= num <= den``), safe from underflow.
+    """The :class:`Scale` ``num / den`` (``num >= 0``, ``den > 0``), safe at both ends.
 
-    When ``num / den`` is below the smallest normal float, ``hi = 2**(2 - e)``
-    with ``den < 2**e`` brings ``den`` (and every element, which is at most
-    ``den`` in magnitude) into ``[2, 4)`` exactly, and ``lo = num / (den * hi)``
-    is then within a factor 4 of ``num``.
+    When ``num / den`` is below the smallest normal float, or beyond the
+    largest (a scale above 1, e.g. AdaGN's, by a norm near the smallest
+    normal), ``hi = 2**(2 - e)`` with ``den < 2**e`` brings ``den`` (and every
+    element, which is at most ``den`` in magnitude) into ``[2, 4)`` exactly,
+    and ``lo = num / (den * hi)`` is then within a factor 4 of ``num``.
     """
     value = num / den
     tiny = jnp.finfo(value.dtype).tiny
-    normal = ~(jnp.abs(value) < tiny) | (num == 0)
+    small = (jnp.abs(value) < tiny) & (num != 0)
+    normal = ~small & (value != jnp.inf)
     _, _, bias = _norms.float_bits(den.dtype)
     shift = _norms.pow2(jnp.minimum(2 - _norms.exponent(den), bias), den.dtype)
     hi = jnp.where(normal, value, shift)
     lo = jnp.where(normal, jnp.ones_like(value), num / (den * shift))
-    return Scale(jnp.where(normal, value, tiny), hi, lo)
+    return Scale(jnp.where(small, tiny, value), hi, lo)
 
 
 def divide_by_scalar(v: jax.Array, d: jax.Array) -> jax.Array:

@@ -60,21 +60,11 @@ def _root_ema(r: jax.Array, x: jax.Array, decay: jax.Array) -> jax.Array:
 def _leaf_scale(norms: jax.Array, target: jax.Array) -> _apply.Scale:
     """The :class:`_apply.Scale` ``target / norm`` per leaf; 1 where a norm is 0.
 
-    Applied as ``(x * 2**-e) * (target / (norm * 2**-e))`` with ``norm <
-    2**e``: the first factor brings every value to at most 1 exactly, so
-    neither a huge norm (``1 / norm`` subnormal) nor a tiny one (``target /
-    norm`` beyond the float range) loses the leaf.
+    :func:`_apply.make_scale` keeps both ends: a huge norm (``target / norm``
+    subnormal) and a tiny one (``target / norm`` beyond the float range).
     """
-    live = norms > 0
-    n = jnp.where(live, norms, 1.0)  # double where: finite gradients at 0
-    f1, f2 = _norms.pow2_factors(_norms.exponent(n), n.dtype)
-    hi = f1 * f2
-    lo = target / ((n * f1) * f2)
-    value = target / n
-    one = jnp.ones_like(n)
-    return _apply.Scale(
-        jnp.where(live, value, one), jnp.where(live, hi, one), jnp.where(live, lo, one)
-    )
+    live = norms > 0  # double where: finite gradients at 0
+    return _apply.make_scale(jnp.where(live, target, 1.0), jnp.where(live, norms, 1.0))
 
 
 def adagn(
@@ -99,8 +89,9 @@ def adagn(
     so each leaf leaves with norm :math:`c_t`, about 1 while its norm is
     steady (the first step gives :math:`n_1 / (n_1 + \epsilon)`) and below
     1 right after a spike (:math:`m` moves faster than :math:`\sqrt v`). A
-    leaf of norm 0 is left as it is (its EMAs still decay). Not a clip in the
-    usual sense: it also scales small gradients up, so every step is
+    leaf of norm 0 is left as it is (its EMAs still decay), and so is, with
+    :math:`\epsilon = 0`, a leaf whose EMAs are below the float range. Not a
+    clip in the usual sense: it also scales small gradients up, so every step is
     normalized; an Adam-type optimizer after it is insensitive to that scale
     but an SGD one is not. Stable-SPAM is ``skip_nonfinite(chain(adaclip(0.999),
     adagn(0.7, 0.9), adam(lr)), reset_every=1000)`` (up to its code's
@@ -194,10 +185,15 @@ def adagn(
         # c = (m / b) / (r / a + eps) with a = sqrt(1 - g2**t), b = 1 - g1**t,
         # written so that nothing is divided by a or b (no overflow for huge m).
         a, b = jnp.sqrt(1 - g2**t), 1 - g1**t
-        target = (m * a) / (b * (r + e * a))
+        den = b * (r + e * a)
+        # With eps = 0, the EMAs of a norm near the smallest float may flush to
+        # 0: such a leaf is left as it is (0 / 0 would be NaN).
+        defined = den != 0  # a NaN (traced hyper-parameter out of range) passes on
+        target = (m * a) / jnp.where(defined, den, 1.0)
         target = _validation.nan_unless(valid, target)
+        scale = _leaf_scale(jnp.where(defined, norms, 0.0), target)
         applied = _apply.apply_leaf_scales(
-            updates, norms, _leaf_scale(norms, target), norms > target, policy, 2.0
+            updates, norms, scale, norms > target, policy, 2.0
         )
         level = jnp.max(target) if target.size else jnp.zeros((), _F32)
         reported = jnp.where(counts, level, state.clip_stats.clip_threshold)

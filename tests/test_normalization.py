@@ -87,6 +87,14 @@ def test_huge_values_keep_direction_and_norm():
     tiny = jnp.asarray([3e-37, 4e-37], jnp.float32)  # scale 1/n near the float max
     out, _ = oc.adagn(eps=0.0).update(tiny, oc.adagn().init(tiny))
     np.testing.assert_allclose(out, [0.6, 0.8], rtol=1e-6)
+    # A norm near the float max: 1/n is subnormal (flushed to 0 if used as is).
+    top = jnp.asarray([3e38, -1e38], jnp.float32)
+    out, _ = oc.adagn().update(top, oc.adagn().init(top))
+    np.testing.assert_allclose(out, [3 / 10**0.5, -1 / 10**0.5], rtol=1e-6)
+    # eps = 0 and a norm whose EMAs flush to 0: left as it is, never NaN.
+    edge = jnp.asarray([1.2e-38, 0.0], jnp.float32)
+    out, _ = oc.adagn(eps=0.0).update(edge, oc.adagn().init(edge))
+    np.testing.assert_array_equal(out, edge)
 
 
 def test_nonfinite_step_leaves_the_emas():
