@@ -31,32 +31,25 @@ import optax
 import optax_clip as oc
 from benchmarks.train_step import GPTConfig, JaxCase, adamw, n_leaves
 
+#: ``name: (the clip chained before adamw, the optax variant it is compared with)``.
+CLIPS = {
+    "optax.clip_by_global_norm": (
+        optax.clip_by_global_norm,
+        "optax.clip_by_global_norm",
+    ),
+    "clip_by_global_norm": (oc.clip_by_global_norm, "optax.clip_by_global_norm"),
+    "optax.clip_by_block_rms": (optax.clip_by_block_rms, "optax.clip_by_block_rms"),
+    "clip_by_block_rms": (oc.clip_by_block_rms, "optax.clip_by_block_rms"),
+    "clip_by_block_norm": (oc.clip_by_block_norm, "optax.clip_by_block_rms"),
+}
+
 
 def variants() -> dict[str, tuple[optax.GradientTransformation, str]]:
     """``name: (tx, the optax variant it is compared with)``."""
-    return {
-        "adamw": (adamw(), "adamw"),
-        "optax.clip_by_global_norm": (
-            optax.chain(optax.clip_by_global_norm(1.0), adamw()),
-            "optax.clip_by_global_norm",
-        ),
-        "clip_by_global_norm": (
-            optax.chain(oc.clip_by_global_norm(1.0), adamw()),
-            "optax.clip_by_global_norm",
-        ),
-        "optax.clip_by_block_rms": (
-            optax.chain(optax.clip_by_block_rms(1.0), adamw()),
-            "optax.clip_by_block_rms",
-        ),
-        "clip_by_block_rms": (
-            optax.chain(oc.clip_by_block_rms(1.0), adamw()),
-            "optax.clip_by_block_rms",
-        ),
-        "clip_by_block_norm": (
-            optax.chain(oc.clip_by_block_norm(1.0), adamw()),
-            "optax.clip_by_block_rms",
-        ),
-    }
+    out = {"adamw": (adamw(), "adamw")}
+    for name, (clip, ref) in CLIPS.items():
+        out[name] = (optax.chain(clip(1.0), adamw()), ref)
+    return out
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
