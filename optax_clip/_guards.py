@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from optax_clip import _norms, _skippable, _validation, _xla_cpu
-from optax_clip._stats import LeafNorms, count_if, matching_leaf_paths, window_push
+from optax_clip._stats import LeafNorms, count_if, renewed_leaf_norms, window_push
 
 _F32 = jnp.float32
 _I32 = jnp.int32
@@ -212,8 +212,7 @@ def _measure(name, updates, state, axes, per_leaf):
     norm, norms = _norms.global_and_leaf_norms(updates, 2.0, axes, per_leaf)
     if not per_leaf:
         return norm, None
-    paths = matching_leaf_paths(name, updates, state.guard_leaf_norms)
-    return norm, LeafNorms(norms.astype(_F32), paths)
+    return norm, renewed_leaf_norms(name, updates, state.guard_leaf_norms, norms)
 
 
 def _skip_counts(state, skip) -> dict[str, jax.Array]:

@@ -23,7 +23,7 @@ from optax_clip._stats import (
     ClipStats,
     LeafNorms,
     init_clip_stats,
-    matching_leaf_paths,
+    renewed_leaf_norms,
 )
 
 
@@ -50,11 +50,11 @@ def _fixed_threshold(
             applied, threshold = step(updates)
             stats = _apply.record(state.clip_stats, applied, threshold)
             return applied.updates, state_cls(stats)
-        held = state.leaf_pre_clip_norms
-        paths = matching_leaf_paths(state_cls._stats_name, updates, held)
         applied, threshold, norms = step(updates)
         stats = _apply.record(state.clip_stats, applied, threshold)
-        held = LeafNorms(norms.astype(jnp.float32), paths)
+        held = renewed_leaf_norms(
+            state_cls._stats_name, updates, state.leaf_pre_clip_norms, norms
+        )
         return applied.updates, state_cls(stats, held)
 
     tx = optax.GradientTransformation(init_fn, update_fn)

@@ -98,10 +98,13 @@ class LeafNorms:
         return f"LeafNorms(values={self.values!r}, paths={self.paths!r})"
 
 
-def matching_leaf_paths(name: str, updates: Any, held: LeafNorms) -> tuple[str, ...]:
-    """The leaves' paths of ``updates``; raises unless ``held`` has the same.
+def renewed_leaf_norms(
+    name: str, updates: Any, held: LeafNorms, norms: jax.Array
+) -> LeafNorms:
+    """This step's per-leaf ``norms`` (a vector, leaf order) in place of ``held``.
 
-    ``name``: the transform's name, for the message.
+    Raises unless ``updates`` have the leaves ``held`` was made for (the
+    parameters given to ``init``). ``name``: the transform's, for the message.
     """
     paths = leaf_paths(updates)
     if paths != held.paths:
@@ -111,7 +114,7 @@ def matching_leaf_paths(name: str, updates: Any, held: LeafNorms) -> tuple[str, 
             f"leaves (state: {list(held.paths)}, updates: {list(paths)}). Call "
             "init with parameters shaped like the updates."
         )
-    return paths
+    return LeafNorms(norms.astype(jnp.float32), paths)
 
 
 def init_clip_stats(threshold: Any = 0.0) -> ClipStats:
